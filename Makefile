@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 127.0.0.1
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/smr
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test bench lint install install-test services migrate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+migrate: install
+	$(BIN)/python manage.py migrate --no-input -v 0
+
+# Embedded defaults: SQLite in var/, objects in var/objects, a local keyring in var/keys.
+run: migrate
+	@$(BIN)/python manage.py demo_setup
+	@echo "Serving on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/api/docs/)"
+	exec $(BIN)/gunicorn registry.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
+
+services:
+	@bash .ci/services.sh
+
+test: install-test services
+	DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install-test services
+	DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,284 @@
+"""Artifact bytes over HTTP: raw streamed PUT, streamed GET/HEAD with Range, resumable uploads.
+
+Bodies are read straight from the WSGI input and responses are generators, so memory use does
+not depend on file size. DRF never parses these bodies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from collections.abc import Iterator
+from itertools import chain
+
+from django.http import HttpResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.pagination import cursor_by
+from api.serializers import ArtifactOut, UploadIn, UploadOut
+from api.views import ListView, parse, principal_of
+from registry import selectors
+from registry.access import Action
+from registry.errors import InvalidInput, LengthRequired, RangeNotSatisfiable
+from registry.models import Artifact
+from registry.paths import validate_artifact_path
+from registry.services import artifacts, uploads
+
+logger = logging.getLogger(__name__)
+
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class JSONErrorsOnly(BaseContentNegotiation):
+    """File views answer bytes or JSON errors whatever the Accept header says."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return JSONRenderer(), JSONRenderer.media_type
+
+    def select_parser(self, request, parsers):
+        return None
+
+
+def content_length(request: Request) -> int:
+    raw = request.META.get("CONTENT_LENGTH", "")
+    if raw == "":
+        if request.META.get("HTTP_TRANSFER_ENCODING"):
+            raise LengthRequired("Chunked uploads are not supported; send Content-Length.")
+        raise LengthRequired()
+    if not raw.isdigit():
+        raise InvalidInput("Content-Length must be a non-negative integer.")
+    return int(raw)
+
+
+def content_digest_sha256(request: Request) -> str | None:
+    """The sha-256 member of an RFC 9530 Content-Digest header, as hex, if present."""
+    header = request.META.get("HTTP_CONTENT_DIGEST")
+    if not header:
+        return None
+    for member in header.split(","):
+        name, _, value = member.strip().partition("=")
+        if name.strip().lower() != "sha-256":
+            continue
+        value = value.strip()
+        if not (value.startswith(":") and value.endswith(":")):
+            raise InvalidInput("Content-Digest sha-256 must be a byte sequence: sha-256=:BASE64:")
+        try:
+            digest = base64.b64decode(value[1:-1], validate=True)
+        except binascii.Error as exc:
+            raise InvalidInput("Content-Digest sha-256 is not valid base64.") from exc
+        if len(digest) != 32:
+            raise InvalidInput("Content-Digest sha-256 must decode to 32 bytes.")
+        return digest.hex()
+    return None
+
+
+def digest_header(sha256_hex: str) -> str:
+    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end-exclusive) for a single byte range; None means send the whole file.
+
+    Malformed or multi-range headers are ignored (RFC 9110 allows it); a well-formed range
+    outside the file raises RangeNotSatisfiable.
+    """
+    if not header:
+        return None
+    match = RANGE_RE.match(header.strip())
+    if not match:
+        return None
+    first, last = match.groups()
+    if first == "" and last == "":
+        return None
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(size=size)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if last != "" and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(size=size)
+    return start, end
+
+
+def file_headers(response: HttpResponse, artifact: Artifact) -> None:
+    response["Accept-Ranges"] = "bytes"
+    response["ETag"] = f'"{artifact.sha256}"'
+    response["Repr-Digest"] = digest_header(artifact.sha256)
+    response["Content-Type"] = "application/octet-stream"
+    filename = artifact.path.rsplit("/", 1)[-1].replace('"', "")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Cache-Control"] = "private, no-store"
+
+
+class FileView(APIView):
+    content_negotiation_class = JSONErrorsOnly
+
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[OpenApiParameter("Content-Digest", str, OpenApiParameter.HEADER, required=False)],
+        responses={201: ArtifactOut},
+        description="Upload a file as the raw request body (not multipart). Send Content-Length; "
+        "optionally an RFC 9530 Content-Digest: sha-256=:BASE64: which is verified.",
+    )
+    def put(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
+        validate_artifact_path(path)
+        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.WRITE)
+        artifacts.ensure_draft(version)
+        length = content_length(request)
+        artifacts.check_size(length)
+        expected = content_digest_sha256(request)
+        artifact = artifacts.artifact_store_stream(
+            version=version,
+            path=path,
+            chunks=artifacts.read_body(request._request, length),
+            expected_sha256=expected,
+            expected_size=length,
+            creator=request.user,
+        )
+        response = Response(ArtifactOut(artifact).data, status=status.HTTP_201_CREATED)
+        response["ETag"] = f'"{artifact.sha256}"'
+        return response
+
+    def _artifact(self, request: Request, ns: str, model: str, number: int, path: str) -> Artifact:
+        validate_artifact_path(path)
+        return selectors.artifact_get_for_user(
+            principal_of(request), ns, model, number, path, Action.DOWNLOAD
+        )
+
+    @extend_schema(
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 206: OpenApiTypes.BINARY},
+        parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False)],
+        description="Stream the decrypted file. Supports a single `Range: bytes=...`; every "
+        "byte sent has been authenticated.",
+    )
+    def get(self, request: Request, ns: str, model: str, number: int, path: str):
+        artifact = self._artifact(request, ns, model, number, path)
+        if request.META.get("HTTP_IF_NONE_MATCH", "").strip() == f'"{artifact.sha256}"':
+            response = HttpResponse(status=304)
+            file_headers(response, artifact)
+            return response
+        byte_range = parse_range(request.META.get("HTTP_RANGE"), artifact.size)
+        start, end = byte_range or (0, artifact.size)
+        body = artifacts.artifact_open(artifact=artifact, start=start, end=end)
+        # Pull the first authenticated segment before sending headers, so a missing key,
+        # an unreachable store or a corrupt first segment is a clean error response.
+        first = next(body, b"")
+        response = StreamingHttpResponse(
+            _logged(chain([first], body), artifact),
+            status=206 if byte_range else 200,
+        )
+        file_headers(response, artifact)
+        response["Content-Length"] = str(end - start)
+        if byte_range:
+            response["Content-Range"] = f"bytes {start}-{end - 1}/{artifact.size}"
+        else:
+            response["Content-Digest"] = digest_header(artifact.sha256)
+        return response
+
+    def head(self, request: Request, ns: str, model: str, number: int, path: str):
+        artifact = self._artifact(request, ns, model, number, path)
+        response = HttpResponse(status=200)
+        file_headers(response, artifact)
+        response["Content-Length"] = str(artifact.size)
+        response["Content-Digest"] = digest_header(artifact.sha256)
+        return response
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
+        validate_artifact_path(path)
+        artifact = selectors.artifact_get_for_user(
+            principal_of(request), ns, model, number, path, Action.WRITE
+        )
+        artifacts.artifact_delete(artifact=artifact)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _logged(chunks: Iterator[bytes], artifact: Artifact) -> Iterator[bytes]:
+    try:
+        yield from chunks
+    except Exception:
+        # Headers are gone already: the only safe thing left is to cut the connection,
+        # so the client sees a short body rather than unauthenticated bytes.
+        logger.exception("download of artifact %s aborted", artifact.id)
+        raise
+
+
+class FileListView(ListView):
+    pagination_class = cursor_by("path")
+
+    @extend_schema(responses=ArtifactOut(many=True))
+    def get(self, request: Request, ns: str, model: str, number: int) -> Response:
+        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.READ)
+        return self.page(request, Artifact.objects.filter(version=version), ArtifactOut)
+
+
+class UploadCreateView(APIView):
+    @extend_schema(request=UploadIn, responses={201: UploadOut})
+    def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.WRITE)
+        data = parse(UploadIn, request)
+        session = uploads.upload_session_create(
+            version=version,
+            path=data["path"],
+            size=data["size"],
+            sha256=data.get("sha256"),
+            part_size=data.get("part_size"),
+            creator=request.user,
+        )
+        return Response(UploadOut(session).data, status=status.HTTP_201_CREATED)
+
+
+class UploadDetailView(APIView):
+    @extend_schema(responses=UploadOut)
+    def get(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
+        session = selectors.upload_session_get_for_user(
+            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        )
+        return Response(UploadOut(session).data)
+
+    @extend_schema(responses=UploadOut)
+    def delete(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
+        session = selectors.upload_session_get_for_user(
+            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        )
+        session = uploads.upload_session_abort(session=session)
+        return Response(UploadOut(session).data)
+
+
+class UploadPartView(APIView):
+    content_negotiation_class = JSONErrorsOnly
+
+    @extend_schema(request={"application/octet-stream": OpenApiTypes.BINARY}, responses=UploadOut)
+    def put(
+        self, request: Request, ns: str, model: str, number: int, upload_id: str, part: int
+    ) -> Response:
+        session = selectors.upload_session_get_for_user(
+            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        )
+        uploads.upload_part_put(
+            session=session, number=part, body=request._request, length=content_length(request)
+        )
+        return Response(UploadOut(session).data)
+
+
+class UploadCompleteView(APIView):
+    @extend_schema(request=None, responses={201: ArtifactOut})
+    def post(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
+        session = selectors.upload_session_get_for_user(
+            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        )
+        artifact = uploads.upload_session_complete(session=session, creator=request.user)
+        return Response(ArtifactOut(artifact).data, status=status.HTTP_201_CREATED)

@@ -1,0 +1,39 @@
+from django.urls import path, register_converter
+
+from api import files, views
+
+
+class VersionNumber:
+    regex = "[0-9]{1,9}"
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
+register_converter(VersionNumber, "vnum")
+
+M = "namespaces/<str:ns>/models/<str:model>"
+V = f"{M}/versions/<vnum:number>"
+
+urlpatterns = [
+    path("namespaces", views.NamespaceListView.as_view()),
+    path("namespaces/<str:ns>", views.NamespaceDetailView.as_view()),
+    path("namespaces/<str:ns>/members", views.MemberListView.as_view()),
+    path("namespaces/<str:ns>/members/<str:username>", views.MemberDetailView.as_view()),
+    path("namespaces/<str:ns>/models", views.ModelListView.as_view()),
+    path(M, views.ModelDetailView.as_view()),
+    path(f"{M}/versions", views.VersionListView.as_view()),
+    path(V, views.VersionDetailView.as_view()),
+    path(f"{V}/submit", views.VersionSubmitView.as_view()),
+    path(f"{V}/files", files.FileListView.as_view()),
+    path(f"{V}/files/<path:path>", files.FileView.as_view()),
+    path(f"{V}/uploads", files.UploadCreateView.as_view()),
+    path(f"{V}/uploads/<uuid:upload_id>", files.UploadDetailView.as_view()),
+    path(f"{V}/uploads/<uuid:upload_id>/parts/<int:part>", files.UploadPartView.as_view()),
+    path(f"{V}/uploads/<uuid:upload_id>/complete", files.UploadCompleteView.as_view()),
+    path("tokens", views.TokenListView.as_view()),
+    path("tokens/<str:token_id>", views.TokenDetailView.as_view()),
+]

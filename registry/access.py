@@ -1,0 +1,57 @@
+"""Who may do what: roles per namespace, narrowed by the token's scopes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from django.contrib.auth.models import AbstractBaseUser
+
+from registry.models import ApiToken, Role, TokenScope
+
+
+class Action(StrEnum):
+    READ = "read"  # metadata
+    DOWNLOAD = "download"  # artifact bytes
+    WRITE = "write"  # create models/versions, upload, submit
+    REVIEW = "review"
+    MANAGE = "manage"  # members, namespace settings, deletes
+    AUDIT = "audit"
+
+
+ROLE_ACTIONS: dict[str, frozenset[Action]] = {
+    Role.VIEWER: frozenset({Action.READ, Action.DOWNLOAD}),
+    Role.CONTRIBUTOR: frozenset({Action.READ, Action.DOWNLOAD, Action.WRITE}),
+    Role.REVIEWER: frozenset({Action.READ, Action.DOWNLOAD, Action.REVIEW}),
+    Role.ADMIN: frozenset(Action),
+    # Auditors see metadata and the audit log, never artifact bytes.
+    Role.AUDITOR: frozenset({Action.READ, Action.AUDIT}),
+}
+
+ACTION_SCOPE: dict[Action, str] = {
+    Action.READ: TokenScope.READ,
+    Action.DOWNLOAD: TokenScope.READ,
+    Action.AUDIT: TokenScope.READ,
+    Action.WRITE: TokenScope.WRITE,
+    Action.REVIEW: TokenScope.REVIEW,
+    Action.MANAGE: TokenScope.ADMIN,
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: a user, and the token it authenticated with (None for a browser session)."""
+
+    user: AbstractBaseUser
+    token: ApiToken | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        return self.token is None or scope in self.token.scopes
+
+
+def role_allows(role: str | None, action: Action) -> bool:
+    return role is not None and action in ROLE_ACTIONS.get(role, frozenset())
+
+
+def principal_allows(principal: Principal, role: str | None, action: Action) -> bool:
+    return role_allows(role, action) and principal.has_scope(ACTION_SCOPE[action])

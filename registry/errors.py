@@ -1,0 +1,105 @@
+"""The one error family of the registry.
+
+Every failure a client can cause or see is a RegistryError with a stable `code`; api/errors.py
+maps it to an HTTP status and `{"code", "message", "extra"}` in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RegistryError(Exception):
+    code = "error"
+    status = 400
+    default_message = "The request could not be processed."
+
+    def __init__(self, message: str | None = None, **extra: Any) -> None:
+        self.message = message or self.default_message
+        self.extra = extra
+        super().__init__(self.message)
+
+
+class InvalidInput(RegistryError):
+    code = "invalid_input"
+    default_message = "The request is malformed."
+
+
+class InvalidPath(RegistryError):
+    code = "invalid_path"
+    default_message = "The artifact path is not allowed."
+
+
+class IncompleteBody(RegistryError):
+    code = "incomplete_body"
+    default_message = "The request body ended before Content-Length bytes arrived; nothing was stored."
+
+
+class LengthRequired(RegistryError):
+    code = "length_required"
+    status = 411
+    default_message = "Send a Content-Length header with the exact size of the file."
+
+
+class DigestMismatch(RegistryError):
+    code = "digest_mismatch"
+    default_message = "The uploaded bytes do not match the digest you sent; nothing was stored."
+
+
+class TooLarge(RegistryError):
+    code = "too_large"
+    status = 413
+    default_message = "The file is larger than this registry accepts."
+
+
+class NotFound(RegistryError):
+    code = "not_found"
+    status = 404
+    default_message = "Not found, or you do not have access to it."
+
+
+class PermissionDenied(RegistryError):
+    code = "permission_denied"
+    status = 403
+    default_message = "Your role or token scope does not allow this."
+
+
+class Conflict(RegistryError):
+    code = "conflict"
+    status = 409
+    default_message = "The request conflicts with the current state."
+
+
+class VersionNotDraft(Conflict):
+    code = "version_not_draft"
+    default_message = "Files can only change while the version is a draft; create a new version."
+
+
+class AlreadyExists(Conflict):
+    code = "already_exists"
+    default_message = "An object with that name already exists."
+
+
+class RangeNotSatisfiable(RegistryError):
+    code = "range_not_satisfiable"
+    status = 416
+    default_message = "The requested range is outside the file."
+
+
+class StorageUnavailable(RegistryError):
+    code = "storage_unavailable"
+    status = 503
+    default_message = "The object store is unavailable; nothing was stored. Retry later."
+
+
+class KeyServiceUnavailable(RegistryError):
+    code = "key_service_unavailable"
+    status = 503
+    default_message = "The key service is unavailable. Retry later."
+
+
+class IntegrityFailure(RegistryError):
+    # Deliberately vague to the client: details (segment, cause) go to the server log/audit.
+    code = "integrity_error"
+    status = 502
+    default_message = "A stored object failed its integrity check; the incident was recorded."

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from registry import keyconfig
+from registry.crypto.keys import KeyProvider
+from registry.services.artifacts import artifacts_rewrap_all
+
+
+class Command(BaseCommand):
+    help = (
+        "Re-wrap every artifact data key under a new key-encryption key. Only wrapped keys in "
+        "the database change; stored objects are not read or rewritten."
+    )
+
+    def add_arguments(self, parser):
+        target = parser.add_mutually_exclusive_group(required=True)
+        target.add_argument(
+            "--new-local-key",
+            action="store_true",
+            help="generate a new KEK version in the local keyring, make it primary, move all keys to it",
+        )
+        target.add_argument("--to-local", action="store_true", help="move to the local keyring's primary KEK")
+        target.add_argument("--to-kms-key", metavar="KEY_ID", help="move to this AWS KMS key (id, ARN or alias)")
+
+    def handle(self, *args, **opts):
+        target: KeyProvider
+        if opts["new_local_key"]:
+            ring = keyconfig.local_keyring()
+            kek = ring.add_key()
+            self.stdout.write(f"new local KEK {kek} is now primary")
+            target = ring
+        elif opts["to_local"]:
+            target = keyconfig.local_keyring()
+        else:
+            target = keyconfig.kms_provider(opts["to_kms_key"])
+        try:
+            to = target.primary_kek_id()
+        except Exception as exc:
+            raise CommandError(f"target KEK unavailable: {exc}") from exc
+
+        def progress(done: int, total: int) -> None:
+            if done % 1000 == 0 or done == total:
+                self.stdout.write(f"  {done}/{total}")
+
+        moved, total = artifacts_rewrap_all(target=target, progress=progress)
+        self.stdout.write(self.style.SUCCESS(f"re-wrapped {moved} of {total} data keys under {to}"))

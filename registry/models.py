@@ -1,0 +1,210 @@
+"""Domain tables: namespaces, members, models, versions, artifacts, uploads, tokens.
+
+Models hold fields and constraints only; every state change lives in registry/services/.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+
+NAMESPACE_NAME_RE = r"^[a-z0-9](?:[a-z0-9-]{0,62})$"
+MODEL_NAME_RE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,127})$"
+
+
+class Role(models.TextChoices):
+    VIEWER = "viewer"
+    CONTRIBUTOR = "contributor"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+    AUDITOR = "auditor"
+
+
+class Namespace(models.Model):
+    name = models.CharField(
+        max_length=63,
+        unique=True,
+        validators=[RegexValidator(NAMESPACE_NAME_RE, "lowercase letters, digits and '-'")],
+    )
+    description = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["namespace", "user"], name="membership_unique_user"),
+            models.CheckConstraint(
+                condition=models.Q(role__in=Role.values), name="membership_role_valid"
+            ),
+        ]
+
+
+class RegisteredModel(models.Model):
+    namespace = models.ForeignKey(Namespace, on_delete=models.PROTECT, related_name="models")
+    name = models.CharField(
+        max_length=128,
+        validators=[RegexValidator(MODEL_NAME_RE, "letters, digits, '.', '_' and '-'")],
+    )
+    description = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["namespace", "name"], name="model_unique_name")
+        ]
+
+
+class VersionState(models.TextChoices):
+    DRAFT = "draft"
+    SCANNING = "scanning"
+    QUARANTINED = "quarantined"
+    PENDING_REVIEW = "pending_review"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    DEPRECATED = "deprecated"
+    REVOKED = "revoked"
+
+
+class ModelVersion(models.Model):
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="versions")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=VersionState.choices, default=VersionState.DRAFT)
+    description = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model", "number"], name="version_unique_number"),
+            models.CheckConstraint(
+                condition=models.Q(state__in=VersionState.values), name="version_state_valid"
+            ),
+        ]
+
+
+class Artifact(models.Model):
+    """One encrypted file of a version. The id is bound into the ciphertext (associated data)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="artifacts")
+    path = models.CharField(max_length=1024)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    object_key = models.CharField(max_length=256, unique=True)
+    wrapped_dek = models.BinaryField()
+    kek_id = models.CharField(max_length=512)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["version", "path"], name="artifact_unique_path"),
+            models.CheckConstraint(condition=models.Q(size__gte=0), name="artifact_size_nonneg"),
+        ]
+
+
+class UploadState(models.TextChoices):
+    OPEN = "open"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+class UploadSession(models.Model):
+    """A resumable upload: parts are staged (encrypted) and assembled by `complete`."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="uploads")
+    path = models.CharField(max_length=1024)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    part_size = models.BigIntegerField()
+    state = models.CharField(max_length=16, choices=UploadState.choices, default=UploadState.OPEN)
+    # Staged parts are encrypted under a session DEK; the artifact gets its own on completion.
+    wrapped_dek = models.BinaryField()
+    kek_id = models.CharField(max_length=512)
+    artifact = models.ForeignKey(
+        Artifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    @property
+    def part_count(self) -> int:
+        return max(1, -(-self.size // self.part_size))
+
+
+class UploadPart(models.Model):
+    session = models.ForeignKey(UploadSession, on_delete=models.CASCADE, related_name="parts")
+    number = models.PositiveIntegerField()
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    object_key = models.CharField(max_length=256, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["session", "number"], name="upload_part_unique")
+        ]
+
+
+class PendingObject(models.Model):
+    """Write-ahead record of an object key that may hold unreferenced bytes.
+
+    Written (committed) before bytes go to the store and removed once the object is either
+    referenced by a committed row or deleted. Whatever survives a crash or an outage is cleaned
+    by `registry.services.janitor.objects_cleanup` (`manage.py storage_janitor`).
+    """
+
+    object_key = models.CharField(max_length=256, unique=True)
+    reason = models.CharField(max_length=32, default="upload")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class TokenScope(models.TextChoices):
+    READ = "read"
+    WRITE = "write"
+    REVIEW = "review"
+    ADMIN = "admin"
+
+
+class ApiToken(models.Model):
+    """A personal access token. Only a SHA-256 of the secret part is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tokens")
+    name = models.CharField(max_length=100, blank=True, default="")
+    key_id = models.CharField(max_length=16, unique=True)
+    secret_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)

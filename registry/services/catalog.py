@@ -1,0 +1,163 @@
+"""Namespaces, members, models and versions: every metadata state change."""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from registry.errors import AlreadyExists, Conflict, InvalidInput, NotFound, VersionNotDraft
+from registry.models import (
+    Artifact,
+    Membership,
+    ModelVersion,
+    Namespace,
+    PendingObject,
+    RegisteredModel,
+    Role,
+    VersionState,
+)
+
+
+def _validate(obj, *, exclude: list[str] | None = None) -> None:
+    try:
+        obj.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
+    except ValidationError as exc:
+        raise InvalidInput("Invalid fields.", fields=exc.message_dict) from exc
+
+
+def namespace_create(*, name: str, description: str = "", creator: AbstractBaseUser) -> Namespace:
+    """Create a namespace; its creator becomes its first admin."""
+    namespace = Namespace(name=name, description=description, created_by=creator)
+    _validate(namespace, exclude=["created_by"])
+    try:
+        with transaction.atomic():
+            namespace.save()
+            Membership.objects.create(namespace=namespace, user=creator, role=Role.ADMIN)
+    except IntegrityError as exc:
+        raise AlreadyExists(f"Namespace {name!r} already exists.") from exc
+    return namespace
+
+
+def namespace_update(*, namespace: Namespace, description: str | None = None) -> Namespace:
+    if description is not None:
+        namespace.description = description
+        namespace.save(update_fields=["description"])
+    return namespace
+
+
+def member_set(*, namespace: Namespace, username: str, role: str) -> Membership:
+    """Add `username` to the namespace with `role`, or change their role."""
+    if role not in Role.values:
+        raise InvalidInput(f"role must be one of {Role.values}", role=role)
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        raise NotFound(f"No user named {username!r}.")
+    with transaction.atomic():
+        membership, _created = Membership.objects.select_for_update().get_or_create(
+            namespace=namespace, user=user, defaults={"role": role}
+        )
+        if membership.role != role:
+            _ensure_admin_remains(namespace, membership, new_role=role)
+            membership.role = role
+            membership.save(update_fields=["role"])
+    return membership
+
+
+def member_remove(*, namespace: Namespace, username: str) -> None:
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update()
+            .filter(namespace=namespace, user__username=username)
+            .first()
+        )
+        if membership is None:
+            raise NotFound(f"{username!r} is not a member of {namespace.name!r}.")
+        _ensure_admin_remains(namespace, membership, new_role=None)
+        membership.delete()
+
+
+def _ensure_admin_remains(namespace: Namespace, membership: Membership, *, new_role: str | None) -> None:
+    if membership.role != Role.ADMIN or new_role == Role.ADMIN:
+        return
+    # Lock every admin row so two concurrent demotions cannot both pass this check.
+    admins = list(
+        Membership.objects.select_for_update().filter(namespace=namespace, role=Role.ADMIN)
+    )
+    if len(admins) <= 1:
+        raise Conflict("A namespace must keep at least one admin.", code_hint="last_admin")
+
+
+def model_create(
+    *, namespace: Namespace, name: str, description: str = "", creator: AbstractBaseUser
+) -> RegisteredModel:
+    model = RegisteredModel(namespace=namespace, name=name, description=description, created_by=creator)
+    _validate(model, exclude=["namespace", "created_by"])
+    try:
+        with transaction.atomic():
+            model.save()
+    except IntegrityError as exc:
+        raise AlreadyExists(f"Model {namespace.name}/{name} already exists.") from exc
+    return model
+
+
+def model_update(*, model: RegisteredModel, description: str | None = None) -> RegisteredModel:
+    if description is not None:
+        model.description = description
+        model.save(update_fields=["description", "updated_at"])
+    return model
+
+
+def model_delete(*, model: RegisteredModel) -> list[str]:
+    """Delete a model and all its versions; returns the object keys now queued for deletion.
+
+    Rows go in one transaction together with PendingObject records for every object, so the
+    bytes are removed after commit (by the caller) or later by the janitor, never orphaned.
+    """
+    with transaction.atomic():
+        keys = list(
+            Artifact.objects.filter(version__model=model).values_list("object_key", flat=True)
+        )
+        PendingObject.objects.bulk_create(
+            [PendingObject(object_key=k, reason="delete") for k in keys], ignore_conflicts=True
+        )
+        Artifact.objects.filter(version__model=model).delete()
+        ModelVersion.objects.filter(model=model).delete()
+        model.delete()
+    return keys
+
+
+def version_create(
+    *, model: RegisteredModel, description: str = "", creator: AbstractBaseUser
+) -> ModelVersion:
+    """Create the next version number of `model` as a draft."""
+    with transaction.atomic():
+        # Locking the model row serialises concurrent creators: numbers are 1, 2, 3, ... no gaps.
+        RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
+        last = ModelVersion.objects.filter(model=model).aggregate(n=Max("number"))["n"] or 0
+        return ModelVersion.objects.create(
+            model=model, number=last + 1, description=description, created_by=creator
+        )
+
+
+def version_submit(*, version: ModelVersion) -> ModelVersion:
+    """Freeze a draft's files and hand it to review.
+
+    Until the scanning workers exist, a submitted version goes straight to pending_review.
+    """
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if locked.state != VersionState.DRAFT:
+            raise VersionNotDraft(
+                f"Version {locked.number} is {locked.state}; only drafts can be submitted.",
+                state=locked.state,
+            )
+        if not Artifact.objects.filter(version=locked).exists():
+            raise Conflict("Upload at least one file before submitting.", code_hint="empty_version")
+        locked.state = VersionState.PENDING_REVIEW
+        locked.submitted_at = timezone.now()
+        locked.save(update_fields=["state", "submitted_at"])
+    return locked

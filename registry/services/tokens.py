@@ -1,0 +1,97 @@
+"""Personal access tokens: `smr_<key id>_<secret>`, hashed at rest, shown once."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from registry.errors import InvalidInput, NotFound
+from registry.models import ApiToken, TokenScope
+
+TOKEN_PREFIX = "smr_"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: ApiToken
+    plaintext: str  # returned to the caller once; never stored or logged
+
+
+def _hash(secret: str) -> str:
+    # Tokens carry 256 bits of entropy, so a fast hash is enough (no password stretching needed).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def token_create(
+    *,
+    user: AbstractBaseUser,
+    scopes: list[str],
+    name: str = "",
+    expires_at: datetime | None = None,
+) -> IssuedToken:
+    """Create a token for `user` with the given scopes and return its plaintext once."""
+    unknown = sorted(set(scopes) - set(TokenScope.values))
+    if not scopes or unknown:
+        raise InvalidInput(
+            f"scopes must be a non-empty subset of {sorted(TokenScope.values)}",
+            unknown=unknown,
+        )
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput("expires_at must be in the future")
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        key_id=key_id,
+        secret_hash=_hash(secret),
+        scopes=sorted(set(scopes)),
+        expires_at=expires_at,
+    )
+    return IssuedToken(token=token, plaintext=f"{TOKEN_PREFIX}{key_id}_{secret}")
+
+
+def default_expiry(days: int) -> datetime | None:
+    return timezone.now() + timedelta(days=days) if days > 0 else None
+
+
+def token_authenticate(raw: str) -> ApiToken | None:
+    """Return the live token matching `raw`, or None. Constant-time on the secret."""
+    if not raw.startswith(TOKEN_PREFIX):
+        return None
+    key_id, sep, secret = raw[len(TOKEN_PREFIX) :].partition("_")
+    if not sep or not key_id or not secret or len(key_id) > 16:
+        return None
+    token = ApiToken.objects.select_related("user").filter(key_id=key_id).first()
+    # Hash even when the key id is unknown so timing does not reveal which ids exist.
+    candidate = _hash(secret)
+    expected = token.secret_hash if token else _hash(secrets.token_urlsafe(32))
+    if not hmac.compare_digest(candidate, expected) or token is None:
+        return None
+    now = timezone.now()
+    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
+        return None
+    if not token.user.is_active:
+        return None
+    # Cheap enough per request, and useful to find stale tokens; skip if updated recently.
+    if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token
+
+
+def token_revoke(*, user: AbstractBaseUser, key_id: str) -> ApiToken:
+    with transaction.atomic():
+        token = ApiToken.objects.select_for_update().filter(user=user, key_id=key_id).first()
+        if token is None:
+            raise NotFound("No such token.")
+        if token.revoked_at is None:
+            token.revoked_at = timezone.now()
+            token.save(update_fields=["revoked_at"])
+    return token

@@ -1,0 +1,220 @@
+"""Settings, all from the environment with safe embedded defaults.
+
+Embedded defaults (no services): SQLite under var/, objects under var/objects, a local keyring
+generated under var/keys. Production: DATABASE_URL, SMR_STORAGE=s3 with S3_*, SMR_KEY_PROVIDER=aws-kms
+or a mounted keyring file. Any secret may be given as NAME_FILE pointing at a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Read NAME, or the contents of the file named by NAME_FILE (Kubernetes secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path} cannot be read: {exc}") from exc
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = env(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
+
+
+DEBUG = env_bool("SMR_DEBUG", False)
+# Production refuses embedded fallbacks (generated secret key, generated keyring).
+SMR_PRODUCTION = env_bool("SMR_PRODUCTION", False)
+VAR_DIR = Path(env("SMR_VAR_DIR", str(BASE_DIR / "var")))
+
+SECRET_KEY = env("SECRET_KEY")
+if not SECRET_KEY:
+    if SMR_PRODUCTION:
+        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required when SMR_PRODUCTION=1")
+    # Embedded mode: a per-install random key kept under var/, never committed.
+    _key_file = VAR_DIR / "secret_key"
+    if not _key_file.exists():
+        import secrets
+
+        _key_file.parent.mkdir(parents=True, exist_ok=True)
+        _key_file.write_text(secrets.token_urlsafe(50))
+        _key_file.chmod(0o600)
+    SECRET_KEY = _key_file.read_text().strip()
+
+ALLOWED_HOSTS = [h.strip() for h in (env("ALLOWED_HOSTS", "127.0.0.1,localhost") or "").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in (env("CSRF_TRUSTED_ORIGINS", "") or "").split(",") if o.strip()
+]
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "registry",
+    "api",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "registry.urls"
+APPEND_SLASH = False
+WSGI_APPLICATION = "registry.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'registry.sqlite3'}") or "",
+        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# Uploads are streamed from the WSGI input by the file views; nothing is buffered by Django.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+# --- Registry knobs -------------------------------------------------------------------------
+# Largest single artifact file accepted (bytes). Default 1 TiB.
+SMR_MAX_ARTIFACT_SIZE = env_int("SMR_MAX_ARTIFACT_SIZE", 1 << 40)
+# Resumable uploads: default part size offered to clients and how long a session lives.
+SMR_UPLOAD_PART_SIZE = env_int("SMR_UPLOAD_PART_SIZE", 64 << 20)
+SMR_UPLOAD_SESSION_TTL = env_int("SMR_UPLOAD_SESSION_TTL", 7 * 24 * 3600)
+# Default lifetime of personal access tokens in days (0 = never expires).
+SMR_TOKEN_DEFAULT_DAYS = env_int("SMR_TOKEN_DEFAULT_DAYS", 90)
+
+# Object store: "fs" (a folder) or "s3" (any S3-compatible endpoint).
+SMR_STORAGE = env("SMR_STORAGE", "fs")
+SMR_OBJECTS_DIR = Path(env("SMR_OBJECTS_DIR", str(VAR_DIR / "objects")))
+S3_ENDPOINT_URL = env("S3_ENDPOINT_URL")
+S3_BUCKET = env("S3_BUCKET", "smr-artifacts")
+S3_REGION = env("S3_REGION", "us-east-1")
+S3_ACCESS_KEY_ID = env("S3_ACCESS_KEY_ID")
+S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY")
+S3_PART_SIZE = env_int("S3_PART_SIZE", 16 << 20)
+S3_MAX_CONCURRENCY = env_int("S3_MAX_CONCURRENCY", 4)
+
+# Key-encryption keys: "local" (keyring file) or "aws-kms".
+SMR_KEY_PROVIDER = env("SMR_KEY_PROVIDER", "local")
+SMR_KEYRING_FILE = Path(env("SMR_KEYRING_FILE", str(VAR_DIR / "keys" / "keyring.json")))
+KMS_KEY_ID = env("KMS_KEY_ID")
+KMS_ENDPOINT_URL = env("KMS_ENDPOINT_URL")
+KMS_REGION = env("KMS_REGION", S3_REGION)
+
+if SMR_STORAGE not in {"fs", "s3"}:
+    raise ImproperlyConfigured(f"SMR_STORAGE must be 'fs' or 's3', got {SMR_STORAGE!r}")
+if SMR_KEY_PROVIDER not in {"local", "aws-kms"}:
+    raise ImproperlyConfigured(
+        f"SMR_KEY_PROVIDER must be 'local' or 'aws-kms', got {SMR_KEY_PROVIDER!r}"
+    )
+if SMR_KEY_PROVIDER == "aws-kms" and not KMS_KEY_ID:
+    raise ImproperlyConfigured("SMR_KEY_PROVIDER=aws-kms needs KMS_KEY_ID (a key id, ARN or alias)")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.CursorPagination",
+    "PAGE_SIZE": 100,
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Secure Model Registry API",
+    "DESCRIPTION": "Envelope-encrypted, audited model registry. Errors are "
+    '`{"code", "message", "extra"}` with a stable code.',
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # Swagger UI assets ship in a wheel: the docs page works without internet access.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = env_bool("SMR_SECURE_COOKIES", SMR_PRODUCTION)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if SMR_PRODUCTION:
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "botocore": {"level": "WARNING"}},
+}
