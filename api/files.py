@@ -53,7 +53,7 @@ def content_length(request: Request) -> int:
     if raw == "":
         if request.META.get("HTTP_TRANSFER_ENCODING"):
             raise LengthRequired("Chunked uploads are not supported; send Content-Length.")
-        raise LengthRequired()
+        return 0  # RFC 9112 6.3: no Content-Length and no Transfer-Encoding means an empty body
     if not raw.isdigit():
         raise InvalidInput("Content-Length must be a non-negative integer.")
     return int(raw)

@@ -13,7 +13,20 @@ class VersionNumber:
         return str(value)
 
 
+class ArtifactPath:
+    # Matches anything, newlines included, so odd paths reach validation and get a clear 400
+    # instead of an anonymous 404.
+    regex = r"[\s\S]+"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
 register_converter(VersionNumber, "vnum")
+register_converter(ArtifactPath, "apath")
 
 M = "namespaces/<str:ns>/models/<str:model>"
 V = f"{M}/versions/<vnum:number>"
@@ -29,7 +42,7 @@ urlpatterns = [
     path(V, views.VersionDetailView.as_view()),
     path(f"{V}/submit", views.VersionSubmitView.as_view()),
     path(f"{V}/files", files.FileListView.as_view()),
-    path(f"{V}/files/<path:path>", files.FileView.as_view()),
+    path(f"{V}/files/<apath:path>", files.FileView.as_view()),
     path(f"{V}/uploads", files.UploadCreateView.as_view()),
     path(f"{V}/uploads/<uuid:upload_id>", files.UploadDetailView.as_view()),
     path(f"{V}/uploads/<uuid:upload_id>/parts/<int:part>", files.UploadPartView.as_view()),

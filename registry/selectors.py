@@ -52,7 +52,8 @@ def namespace_list_for_user(principal: Principal) -> QuerySet[Namespace]:
 
 
 def namespace_get_for_user(principal: Principal, name: str, action: Action) -> Namespace:
-    namespace = Namespace.objects.filter(name=name).first()
+    # PostgreSQL refuses NUL in text parameters (a DataError, i.e. a 500); no name holds one.
+    namespace = None if "\x00" in name else Namespace.objects.filter(name=name).first()
     if namespace is None:
         raise NotFound(f"Namespace {name!r} not found, or you are not a member.")
     _require(principal, namespace, action)
@@ -63,7 +64,13 @@ def model_get_for_user(
     principal: Principal, namespace: str, model: str, action: Action
 ) -> RegisteredModel:
     ns = namespace_get_for_user(principal, namespace, action)
-    obj = RegisteredModel.objects.filter(namespace=ns, name=model).select_related("namespace").first()
+    obj = (
+        None
+        if "\x00" in model
+        else RegisteredModel.objects.filter(namespace=ns, name=model)
+        .select_related("namespace")
+        .first()
+    )
     if obj is None:
         raise NotFound(f"Model {namespace}/{model} not found.")
     return obj

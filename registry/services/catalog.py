@@ -18,6 +18,7 @@ from registry.models import (
     PendingObject,
     RegisteredModel,
     Role,
+    UploadPart,
     VersionState,
 )
 
@@ -68,6 +69,8 @@ def member_set(*, namespace: Namespace, username: str, role: str) -> Membership:
 
 
 def member_remove(*, namespace: Namespace, username: str) -> None:
+    if "\x00" in username:  # PostgreSQL rejects NUL in text; no user can have such a name
+        raise NotFound(f"{username!r} is not a member of {namespace.name!r}.")
     with transaction.atomic():
         membership = (
             Membership.objects.select_for_update()
@@ -80,7 +83,9 @@ def member_remove(*, namespace: Namespace, username: str) -> None:
         membership.delete()
 
 
-def _ensure_admin_remains(namespace: Namespace, membership: Membership, *, new_role: str | None) -> None:
+def _ensure_admin_remains(
+    namespace: Namespace, membership: Membership, *, new_role: str | None
+) -> None:
     if membership.role != Role.ADMIN or new_role == Role.ADMIN:
         return
     # Lock every admin row so two concurrent demotions cannot both pass this check.
@@ -94,7 +99,9 @@ def _ensure_admin_remains(namespace: Namespace, membership: Membership, *, new_r
 def model_create(
     *, namespace: Namespace, name: str, description: str = "", creator: AbstractBaseUser
 ) -> RegisteredModel:
-    model = RegisteredModel(namespace=namespace, name=name, description=description, created_by=creator)
+    model = RegisteredModel(
+        namespace=namespace, name=name, description=description, created_by=creator
+    )
     _validate(model, exclude=["namespace", "created_by"])
     try:
         with transaction.atomic():
@@ -120,6 +127,11 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
     with transaction.atomic():
         keys = list(
             Artifact.objects.filter(version__model=model).values_list("object_key", flat=True)
+        )
+        # Staged parts of unfinished resumable uploads go too; the version delete cascades
+        # their rows away, and nothing else would ever name those objects again.
+        keys += UploadPart.objects.filter(session__version__model=model).values_list(
+            "object_key", flat=True
         )
         PendingObject.objects.bulk_create(
             [PendingObject(object_key=k, reason="delete") for k in keys], ignore_conflicts=True

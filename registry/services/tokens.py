@@ -15,7 +15,8 @@ from django.utils import timezone
 from registry.errors import InvalidInput, NotFound
 from registry.models import ApiToken, TokenScope
 
-TOKEN_PREFIX = "smr_"
+TOKEN_PREFIX = "smr_"  # noqa: S105 - a public prefix, not a secret
+KEY_ID_CHARS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def token_authenticate(raw: str) -> ApiToken | None:
     if not raw.startswith(TOKEN_PREFIX):
         return None
     key_id, sep, secret = raw[len(TOKEN_PREFIX) :].partition("_")
-    if not sep or not key_id or not secret or len(key_id) > 16:
+    if not sep or not key_id or not secret or len(key_id) > 16 or not set(key_id) <= KEY_ID_CHARS:
         return None
     token = ApiToken.objects.select_related("user").filter(key_id=key_id).first()
     # Hash even when the key id is unknown so timing does not reveal which ids exist.
@@ -87,6 +88,8 @@ def token_authenticate(raw: str) -> ApiToken | None:
 
 
 def token_revoke(*, user: AbstractBaseUser, key_id: str) -> ApiToken:
+    if not key_id or not set(key_id) <= KEY_ID_CHARS:  # also keeps NUL away from PostgreSQL
+        raise NotFound("No such token.")
     with transaction.atomic():
         token = ApiToken.objects.select_for_update().filter(user=user, key_id=key_id).first()
         if token is None:

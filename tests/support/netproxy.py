@@ -6,6 +6,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 
 
 class TcpProxy:
@@ -15,9 +16,18 @@ class TcpProxy:
     refused; restore() listens again on the same port.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        host: str = "127.0.0.1",
+        bytes_per_second: float | None = None,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.host = host
+        # Per direction and connection; slow enough, a test can cut a transfer in mid-body.
+        self.bytes_per_second = bytes_per_second
         self.port = 0
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -93,18 +103,40 @@ class TcpProxy:
                     _reset(upstream)
                     return
                 self._conns.update((client, upstream))
-            self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
+            pair = _Pair(client, upstream)
+            self._spawn(self._pump, pair, client, upstream)
+            self._spawn(self._pump, pair, upstream, client)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                if self.bytes_per_second:
+                    time.sleep(len(data) / self.bytes_per_second)
             # Pass a half-close on, so HTTP clients see the peer's EOF as it happened.
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             _reset(src)
             _reset(dst)
+        if pair.finish():
+            with self._lock:
+                self._conns.difference_update(pair.socks)
+            for sock in pair.socks:
+                sock.close()
+
+
+class _Pair:
+    """One proxied connection: the two sockets get closed when both directions are done."""
+
+    def __init__(self, *socks: socket.socket) -> None:
+        self.socks = socks
+        self._open = 2
+        self._lock = threading.Lock()
+
+    def finish(self) -> bool:
+        with self._lock:
+            self._open -= 1
+            return self._open == 0
 
 
 def _reset(sock: socket.socket) -> None:

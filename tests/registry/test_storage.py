@@ -1,0 +1,354 @@
+"""Object store contract, run against both backends: a tmp folder and moto's S3 over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from registry.storage import (
+    CHUNK_SIZE,
+    MIN_PART_SIZE,
+    FileSystemStore,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    StorageError,
+    StorageUnavailable,
+    _s3_error,
+    get_object_store,
+)
+from tests.conftest import s3_client
+from tests.support.netproxy import TcpProxy
+
+PART = MIN_PART_SIZE  # keeps multipart tests small; S3 refuses smaller non-final parts
+
+
+@pytest.fixture(params=["fs", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "fs":
+        return FileSystemStore(tmp_path / "objects")
+    # Only S3 cases start moto.
+    bucket = request.getfixturevalue("s3_bucket")
+    endpoint = request.getfixturevalue("moto_endpoint")
+    # max_concurrency=2 so a three-part write has to wait for the window to open.
+    return S3Store(bucket, endpoint_url=endpoint, part_size=PART, max_concurrency=2)
+
+
+def backend_leftovers(store: ObjectStore) -> list[str]:
+    """Unfinished writes as the backend itself sees them, not as the store reports them."""
+    if isinstance(store, S3Store):
+        endpoint = store._client.meta.endpoint_url
+        uploads = s3_client(endpoint).list_multipart_uploads(Bucket=store.bucket)
+        return [u["Key"] for u in uploads.get("Uploads", [])]
+    incomplete = store.root / ".incomplete"
+    return [str(p) for p in incomplete.rglob("*") if p.is_file()] if incomplete.exists() else []
+
+
+def read_all(store: ObjectStore, key: str, start: int = 0, end: int | None = None) -> bytes:
+    chunks = list(store.read(key, start, end))
+    assert all(len(c) <= CHUNK_SIZE for c in chunks)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, 1000, 2 * PART + 12345],
+    ids=["empty", "one-byte", "under-a-part", "three-parts"],
+)
+def test_round_trip(store: ObjectStore, size: int) -> None:
+    data = os.urandom(size)
+    w = store.writer("objects/ab/round-trip")
+    # Uneven writes, so parts straddle write() calls.
+    step = 3 * CHUNK_SIZE + 7
+    for i in range(0, size, step):
+        w.write(memoryview(data)[i : i + step])
+    assert not store.exists("objects/ab/round-trip")  # invisible until commit
+    assert w.commit() == size
+    assert store.exists("objects/ab/round-trip")
+    assert store.size("objects/ab/round-trip") == size
+    assert read_all(store, "objects/ab/round-trip") == data
+    assert backend_leftovers(store) == []
+    assert store.list_incomplete() == []
+
+
+def test_write_after_commit_is_refused(store: ObjectStore) -> None:
+    w = store.writer("k")
+    w.write(b"x")
+    w.commit()
+    with pytest.raises(StorageError):
+        w.write(b"y")
+    w.abort()  # a no-op: the committed object stays
+    assert read_all(store, "k") == b"x"
+
+
+def test_ranged_reads(store: ObjectStore) -> None:
+    data = os.urandom(PART + 3 * CHUNK_SIZE + 17)
+    with store.writer("blob") as w:
+        w.write(data)
+        w.commit()
+    n = len(data)
+    assert read_all(store, "blob", 100) == data[100:]
+    assert read_all(store, "blob", 5, 2 * CHUNK_SIZE + 9) == data[5 : 2 * CHUNK_SIZE + 9]
+    assert read_all(store, "blob", n - 1) == data[-1:]
+    assert read_all(store, "blob", n - 1, n) == data[-1:]
+    assert read_all(store, "blob", 10, 10) == b""
+    assert read_all(store, "blob", n) == b""
+    assert read_all(store, "blob", n - 2, n + 100) == data[-2:]
+    with pytest.raises(ValueError):
+        store.read("blob", 10, 5)
+    with pytest.raises(ValueError):
+        store.read("blob", -1)
+
+
+def test_ranged_read_of_empty_object(store: ObjectStore) -> None:
+    store.put_bytes("empty", b"")
+    assert read_all(store, "empty") == b""
+    assert read_all(store, "empty", 0, 0) == b""
+    assert read_all(store, "empty", 3) == b""
+
+
+def test_read_can_be_closed_early(store: ObjectStore) -> None:
+    store.put_bytes("k", os.urandom(3 * CHUNK_SIZE))
+    stream = store.read("k")
+    assert len(next(stream)) == CHUNK_SIZE
+    stream.close()
+    store.read("k").close()  # never iterated: still releases the file or connection
+
+
+def test_size_exists_delete(store: ObjectStore) -> None:
+    store.put_bytes("a/b/c", b"hello")
+    assert store.exists("a/b/c")
+    assert store.size("a/b/c") == 5
+    assert not store.exists("a/b")
+    store.delete("a/b/c")
+    assert not store.exists("a/b/c")
+    store.delete("a/b/c")  # idempotent
+    store.delete("never/existed")
+
+
+def test_missing_key(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        store.read("nope")
+    with pytest.raises(ObjectNotFound):
+        store.read("nope", 5, 5)
+    with pytest.raises(ObjectNotFound):
+        store.size("nope")
+    assert not store.exists("nope")
+
+
+def test_put_bytes_overwrites_and_if_none_match(store: ObjectStore) -> None:
+    store.put_bytes("checkpoints/1", b"first")
+    store.put_bytes("checkpoints/1", b"second")
+    assert read_all(store, "checkpoints/1") == b"second"
+
+    store.put_bytes("checkpoints/2", b"signed", if_none_match=True)
+    with pytest.raises(ObjectExists):
+        store.put_bytes("checkpoints/2", b"forged", if_none_match=True)
+    assert read_all(store, "checkpoints/2") == b"signed"
+    assert backend_leftovers(store) == []
+
+
+@pytest.mark.parametrize("size", [10, 2 * PART + 1], ids=["buffered", "multipart"])
+def test_abort_leaves_nothing(store: ObjectStore, size: int) -> None:
+    w = store.writer("aborted")
+    w.write(os.urandom(size))
+    w.abort()
+    w.abort()  # twice is fine
+    with pytest.raises(StorageError):
+        w.commit()
+    assert not store.exists("aborted")
+    assert backend_leftovers(store) == []
+    assert store.list_incomplete() == []
+
+
+def test_context_manager_aborts_on_error(store: ObjectStore) -> None:
+    with pytest.raises(RuntimeError), store.writer("ctx") as w:
+        w.write(os.urandom(PART + 1))
+        raise RuntimeError("client went away")
+    assert not store.exists("ctx")
+    assert backend_leftovers(store) == []
+
+
+def test_abort_incomplete_and_list_incomplete(store: ObjectStore) -> None:
+    # More than a part, so S3 has a multipart upload to list.
+    w1 = store.writer("a/b")
+    w1.write(os.urandom(PART + 1))
+    w2 = store.writer("a/bc")  # shares a prefix: must survive abort_incomplete("a/b")
+    w2.write(os.urandom(PART + 1))
+    assert store.list_incomplete() == ["a/b", "a/bc"]
+    assert store.list_incomplete("a/b") == ["a/b", "a/bc"]
+    assert store.list_incomplete("z") == []
+
+    assert store.abort_incomplete("a/b") == 1
+    assert store.abort_incomplete("a/b") == 0
+    assert store.list_incomplete() == ["a/bc"]
+    with pytest.raises(StorageError):
+        w1.commit()
+    w1.abort()
+    assert not store.exists("a/b")
+
+    assert w2.commit() == PART + 1
+    assert store.list_incomplete() == []
+    assert backend_leftovers(store) == []
+
+
+@pytest.mark.parametrize(
+    "key", ["", "/abs", "../up", "a/../b", "a//b", "a/./b", "a/", "sp ace", "ü", ".incomplete/x"]
+)
+def test_invalid_keys(store: ObjectStore, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.writer(key)
+    with pytest.raises(ValueError):
+        store.put_bytes(key, b"x")
+
+
+def test_ping(store: ObjectStore) -> None:
+    store.ping()
+
+
+def test_ping_fails_without_bucket(moto_endpoint: str) -> None:
+    with pytest.raises(StorageUnavailable):
+        S3Store("no-such-bucket-here", endpoint_url=moto_endpoint).ping()
+
+
+def test_ping_fails_when_folder_unusable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageUnavailable):
+        FileSystemStore(tmp_path / "file" / "objects").ping()
+
+
+def test_s3_rejects_parts_below_minimum() -> None:
+    with pytest.raises(ValueError):
+        S3Store("b", endpoint_url="http://127.0.0.1:9", part_size=MIN_PART_SIZE - 1)
+
+
+def client_error(status: int, code: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "Op",
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (client_error(503, "SlowDown"), StorageUnavailable),
+        (client_error(500, "InternalError"), StorageUnavailable),
+        (client_error(400, "RequestTimeout"), StorageUnavailable),
+        (client_error(404, "NoSuchKey"), ObjectNotFound),
+        (client_error(404, "404"), ObjectNotFound),
+        (client_error(404, "NoSuchBucket"), StorageError),
+        (client_error(403, "AccessDenied"), StorageError),
+        (EndpointConnectionError(endpoint_url="http://x"), StorageUnavailable),
+    ],
+)
+def test_s3_error_mapping(exc: Exception, expected: type[StorageError]) -> None:
+    assert type(_s3_error(exc, "op", "k")) is expected
+
+
+@pytest.mark.parametrize("when", ["before-part-connects", "mid-part-body"])
+def test_s3_outage_mid_write(moto_endpoint: str, s3_bucket: str, when: str) -> None:
+    moto = urlsplit(moto_endpoint)
+    # Throttled, a 5 MiB part takes over a second to go through, so the cut lands inside it.
+    rate = 4 << 20 if when == "mid-part-body" else None
+    with TcpProxy(moto.hostname, moto.port, bytes_per_second=rate) as proxy:
+        # The store's own client config, not a test-tuned one: the bound below is the real one.
+        store = S3Store(
+            s3_bucket,
+            endpoint_url=f"http://127.0.0.1:{proxy.port}",
+            part_size=PART,
+            max_concurrency=2,
+        )
+        w = store.writer("big")
+        w.write(os.urandom(PART + 100))  # creates the multipart upload; part 1 goes out
+        if when == "mid-part-body":
+            time.sleep(0.3)
+        proxy.cut()
+
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            for _ in range(6):
+                w.write(os.urandom(PART))
+            w.commit()
+        assert time.monotonic() - started < 10
+        with pytest.raises(StorageUnavailable):
+            store.list_incomplete()
+
+        # The endpoint is still down, so abort may fail; the upload is left for abort_incomplete.
+        with contextlib.suppress(StorageUnavailable):
+            w.abort()
+
+        proxy.restore()
+        assert store.list_incomplete() == ["big"]
+        assert store.abort_incomplete("big") == 1
+        assert store.list_incomplete() == []
+
+    direct = s3_client(moto_endpoint)
+    assert direct.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    with pytest.raises(ClientError):
+        direct.head_object(Bucket=s3_bucket, Key="big")
+
+
+def test_get_object_store_fs(settings, tmp_path: Path) -> None:
+    settings.SMR_STORAGE = "fs"
+    settings.SMR_OBJECTS_DIR = tmp_path / "objs"
+    get_object_store.cache_clear()
+    try:
+        s = get_object_store()
+        assert isinstance(s, FileSystemStore)
+        assert s.root == tmp_path / "objs"
+        assert get_object_store() is s
+    finally:
+        get_object_store.cache_clear()
+
+
+def test_get_object_store_s3(settings, moto_endpoint: str, s3_bucket: str) -> None:
+    settings.SMR_STORAGE = "s3"
+    settings.S3_ENDPOINT_URL = moto_endpoint
+    settings.S3_BUCKET = s3_bucket
+    settings.S3_PART_SIZE = PART
+    settings.S3_MAX_CONCURRENCY = 3
+    get_object_store.cache_clear()
+    try:
+        s = get_object_store()
+        assert isinstance(s, S3Store)
+        assert (s.bucket, s.part_size, s.max_concurrency) == (s3_bucket, PART, 3)
+        s.put_bytes("via-settings", b"ok")
+        assert read_all(s, "via-settings") == b"ok"
+    finally:
+        get_object_store.cache_clear()
+
+
+def test_fs_exclusive_put_without_hard_links(tmp_path: Path, monkeypatch) -> None:
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = FileSystemStore(tmp_path)
+    store.put_bytes("cp", b"signed", if_none_match=True)
+    with pytest.raises(ObjectExists):
+        store.put_bytes("cp", b"forged", if_none_match=True)
+    assert read_all(store, "cp") == b"signed"
+    assert backend_leftovers(store) == []
+
+
+def test_fs_key_that_collides_with_a_file(tmp_path: Path) -> None:
+    store = FileSystemStore(tmp_path)
+    store.put_bytes("a", b"x")
+    w = store.writer("a/b")
+    w.write(b"y")
+    with pytest.raises(StorageError):
+        w.commit()
+    w.abort()
+    assert backend_leftovers(store) == []
+    assert not store.exists("a/b")
+    with pytest.raises(ObjectNotFound):
+        store.read("a/b")
