@@ -461,19 +461,22 @@ def _decrypt_stream(
     dek: bytes, associated_data: bytes, chunks: Iterator[bytes | bytearray | memoryview]
 ) -> Iterator[bytes]:
     header = bytearray()
-    rest = b""
+    rest: memoryview | None = None
     for chunk in chunks:
         view = _byte_view(chunk)
         need = HEADER_SIZE - len(header)
         header += view[:need]
         if len(header) == HEADER_SIZE:
-            rest = bytes(view[need:])
+            rest = view[need:]
+            view.release()
             break
+        view.release()
     cipher, prefix = _open_header(dek, associated_data, header)
 
     def body() -> Iterator[bytes | bytearray | memoryview]:
-        if rest:
-            yield rest
+        assert rest is not None
+        yield rest
+        rest.release()  # consumed; see _split_segments
         yield from chunks
 
     for index, segment, at_end in _split_segments(body(), 0):

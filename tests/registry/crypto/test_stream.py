@@ -102,7 +102,7 @@ def multi() -> tuple[bytes, bytes]:
 
 def test_sizes_match_tink_geometry():
     # Observed from tink 1.16.1 with AES256_GCM_HKDF_1MB parameters.
-    assert HEADER_SIZE == 40 and TAG_SIZE == 16 and SEGMENT_SIZE == MiB
+    assert (HEADER_SIZE, TAG_SIZE, SEGMENT_SIZE) == (40, 16, 1 << 20)
     assert (FIRST, SEG) == (1_048_520, 1_048_560)
     expected = {0: 56, 1: 57, FIRST: MiB, FIRST + 1: MiB + 17, FIRST + SEG: 2 * MiB}
     for size, ct_size in expected.items():
@@ -567,3 +567,18 @@ def test_range_wrong_associated_data(multi):
     _, ct = multi
     with pytest.raises(StreamIntegrityError):
         b"".join(decrypt_range(DEK, b"other", MULTI, 0, 10, Reader(ct)))
+
+
+def test_decrypt_iter_lets_producer_refill_and_resize_its_buffer(multi):
+    data, ct = multi
+    sizes = random.Random(8)
+
+    def producer() -> Iterator[bytearray]:
+        buffer, pos = bytearray(), 0
+        while pos < len(ct):
+            size = sizes.choice([1, 39, 41, 500_000, SEGMENT_SIZE, SEGMENT_SIZE + 1])
+            buffer[:] = ct[pos : pos + size]  # resizes: fails if a view of it is still held
+            pos += size
+            yield buffer
+
+    assert b"".join(decrypt_iter(DEK, AD, producer())) == data
