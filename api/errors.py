@@ -38,7 +38,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         headers = {}
         if exc.status == 416 and "size" in exc.extra:
             headers["Content-Range"] = f"bytes */{exc.extra['size']}"
-        return Response(error_body(exc.code, exc.message, exc.extra), status=exc.status, headers=headers)
+        return Response(
+            error_body(exc.code, exc.message, exc.extra), status=exc.status, headers=headers
+        )
     if isinstance(exc, Http404):
         exc = drf.NotFound("Not found, or you do not have access to it.")
     elif isinstance(exc, DjangoPermissionDenied):
@@ -53,7 +55,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         code = next((c for t, c in DRF_CODES.items() if isinstance(exc, t)), "error")
         if isinstance(exc, drf.ValidationError):
             return Response(
-                error_body(code, "Some fields are invalid; see extra.fields.", {"fields": exc.detail}),
+                error_body(
+                    code, "Some fields are invalid; see extra.fields.", {"fields": exc.detail}
+                ),
                 status=exc.status_code,
             )
         return Response(error_body(code, str(exc.detail)), status=exc.status_code, headers=headers)

@@ -128,14 +128,18 @@ class FileView(APIView):
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
-        parameters=[OpenApiParameter("Content-Digest", str, OpenApiParameter.HEADER, required=False)],
+        parameters=[
+            OpenApiParameter("Content-Digest", str, OpenApiParameter.HEADER, required=False)
+        ],
         responses={201: ArtifactOut},
         description="Upload a file as the raw request body (not multipart). Send Content-Length; "
         "optionally an RFC 9530 Content-Digest: sha-256=:BASE64: which is verified.",
     )
     def put(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
         validate_artifact_path(path)
-        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.WRITE)
+        version = selectors.version_get_for_user(
+            principal_of(request), ns, model, number, Action.WRITE
+        )
         artifacts.ensure_draft(version)
         length = content_length(request)
         artifacts.check_size(length)
@@ -159,7 +163,10 @@ class FileView(APIView):
         )
 
     @extend_schema(
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 206: OpenApiTypes.BINARY},
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            206: OpenApiTypes.BINARY,
+        },
         parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False)],
         description="Stream the decrypted file. Supports a single `Range: bytes=...`; every "
         "byte sent has been authenticated.",
@@ -221,14 +228,18 @@ class FileListView(ListView):
 
     @extend_schema(responses=ArtifactOut(many=True))
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
-        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.READ)
+        version = selectors.version_get_for_user(
+            principal_of(request), ns, model, number, Action.READ
+        )
         return self.page(request, Artifact.objects.filter(version=version), ArtifactOut)
 
 
 class UploadCreateView(APIView):
     @extend_schema(request=UploadIn, responses={201: UploadOut})
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
-        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.WRITE)
+        version = selectors.version_get_for_user(
+            principal_of(request), ns, model, number, Action.WRITE
+        )
         data = parse(UploadIn, request)
         session = uploads.upload_session_create(
             version=version,
@@ -250,7 +261,9 @@ class UploadDetailView(APIView):
         return Response(UploadOut(session).data)
 
     @extend_schema(responses=UploadOut)
-    def delete(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
+    def delete(
+        self, request: Request, ns: str, model: str, number: int, upload_id: str
+    ) -> Response:
         session = selectors.upload_session_get_for_user(
             principal_of(request), ns, model, number, upload_id, Action.WRITE
         )

@@ -195,15 +195,24 @@ class TokenListView(ListView):
         # A token can only mint tokens with scopes it holds itself (no privilege escalation).
         if principal.token is not None and not set(data["scopes"]) <= set(principal.token.scopes):
             raise PermissionDenied("A token cannot create a token with scopes it lacks.")
+        if "expires_at" in data:
+            expires_at = data["expires_at"]
+        else:
+            expires_at = tokens.default_expiry(settings.SMR_TOKEN_DEFAULT_DAYS)
+        # Nor one that outlives it: a short-lived token must not mint a long-lived one.
+        limit = principal.token.expires_at if principal.token is not None else None
+        if limit is not None and (expires_at is None or expires_at > limit):
+            if "expires_at" in data:
+                raise PermissionDenied(
+                    "A token cannot create a token that expires after it does.",
+                    expires_at_max=limit.isoformat(),
+                )
+            expires_at = limit
         issued = tokens.token_create(
             user=request.user,
             scopes=data["scopes"],
             name=data.get("name", ""),
-            expires_at=(
-                data["expires_at"]
-                if "expires_at" in data
-                else tokens.default_expiry(settings.SMR_TOKEN_DEFAULT_DAYS)
-            ),
+            expires_at=expires_at,
         )
         body = dict(TokenOut(issued.token).data, token=issued.plaintext)
         return Response(body, status=status.HTTP_201_CREATED)

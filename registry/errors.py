@@ -32,7 +32,9 @@ class InvalidPath(RegistryError):
 
 class IncompleteBody(RegistryError):
     code = "incomplete_body"
-    default_message = "The request body ended before Content-Length bytes arrived; nothing was stored."
+    default_message = (
+        "The request body ended before Content-Length bytes arrived; nothing was stored."
+    )
 
 
 class LengthRequired(RegistryError):

@@ -55,6 +55,9 @@ class Membership(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.user_id}@{self.namespace_id}:{self.role}"
+
 
 class RegisteredModel(models.Model):
     namespace = models.ForeignKey(Namespace, on_delete=models.PROTECT, related_name="models")
@@ -74,6 +77,9 @@ class RegisteredModel(models.Model):
             models.UniqueConstraint(fields=["namespace", "name"], name="model_unique_name")
         ]
 
+    def __str__(self) -> str:
+        return self.name
+
 
 class VersionState(models.TextChoices):
     DRAFT = "draft"
@@ -89,7 +95,9 @@ class VersionState(models.TextChoices):
 class ModelVersion(models.Model):
     model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="versions")
     number = models.PositiveIntegerField()
-    state = models.CharField(max_length=16, choices=VersionState.choices, default=VersionState.DRAFT)
+    state = models.CharField(
+        max_length=16, choices=VersionState.choices, default=VersionState.DRAFT
+    )
     description = models.TextField(blank=True, default="")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
@@ -104,6 +112,9 @@ class ModelVersion(models.Model):
                 condition=models.Q(state__in=VersionState.values), name="version_state_valid"
             ),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.model_id}/v{self.number} ({self.state})"
 
 
 class Artifact(models.Model):
@@ -127,6 +138,9 @@ class Artifact(models.Model):
             models.UniqueConstraint(fields=["version", "path"], name="artifact_unique_path"),
             models.CheckConstraint(condition=models.Q(size__gte=0), name="artifact_size_nonneg"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.sha256[:12]})"
 
 
 class UploadState(models.TextChoices):
@@ -157,6 +171,9 @@ class UploadSession(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
 
+    def __str__(self) -> str:
+        return f"upload {self.id} of {self.path}"
+
     @property
     def part_count(self) -> int:
         return max(1, -(-self.size // self.part_size))
@@ -175,6 +192,9 @@ class UploadPart(models.Model):
             models.UniqueConstraint(fields=["session", "number"], name="upload_part_unique")
         ]
 
+    def __str__(self) -> str:
+        return f"part {self.number} of {self.session_id}"
+
 
 class PendingObject(models.Model):
     """Write-ahead record of an object key that may hold unreferenced bytes.
@@ -188,6 +208,9 @@ class PendingObject(models.Model):
     reason = models.CharField(max_length=32, default="upload")
     created_at = models.DateTimeField(auto_now_add=True)
 
+    def __str__(self) -> str:
+        return self.object_key
+
 
 class TokenScope(models.TextChoices):
     READ = "read"
@@ -199,7 +222,9 @@ class TokenScope(models.TextChoices):
 class ApiToken(models.Model):
     """A personal access token. Only a SHA-256 of the secret part is stored."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tokens"
+    )
     name = models.CharField(max_length=100, blank=True, default="")
     key_id = models.CharField(max_length=16, unique=True)
     secret_hash = models.CharField(max_length=64)
@@ -208,3 +233,6 @@ class ApiToken(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"smr_{self.key_id}_…"

@@ -16,7 +16,9 @@ def validate_artifact_path(path: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         raise InvalidPath("The path contains a control character (NUL, newline, ...).")
     if "\\" in path:
-        raise InvalidPath("Use '/' to separate directories; backslashes are not allowed.", path=path)
+        raise InvalidPath(
+            "Use '/' to separate directories; backslashes are not allowed.", path=path
+        )
     if path.startswith("/"):
         raise InvalidPath("The path must be relative (no leading '/').", path=path)
     for segment in path.split("/"):

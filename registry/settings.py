@@ -1,8 +1,9 @@
 """Settings, all from the environment with safe embedded defaults.
 
 Embedded defaults (no services): SQLite under var/, objects under var/objects, a local keyring
-generated under var/keys. Production: DATABASE_URL, SMR_STORAGE=s3 with S3_*, SMR_KEY_PROVIDER=aws-kms
-or a mounted keyring file. Any secret may be given as NAME_FILE pointing at a file.
+generated under var/keys. Production: DATABASE_URL, SMR_STORAGE=s3 with S3_*,
+SMR_KEY_PROVIDER=aws-kms or a mounted keyring file. Any secret may be given as NAME_FILE
+pointing at a file.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ VAR_DIR = Path(env("SMR_VAR_DIR", str(BASE_DIR / "var")))
 SECRET_KEY = env("SECRET_KEY")
 if not SECRET_KEY:
     if SMR_PRODUCTION:
-        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required when SMR_PRODUCTION=1")
+        raise ImproperlyConfigured(
+            "SECRET_KEY (or SECRET_KEY_FILE) is required when SMR_PRODUCTION=1"
+        )
     # Embedded mode: a per-install random key kept under var/, never committed.
     _key_file = VAR_DIR / "secret_key"
     if not _key_file.exists():
@@ -63,7 +66,9 @@ if not SECRET_KEY:
         _key_file.chmod(0o600)
     SECRET_KEY = _key_file.read_text().strip()
 
-ALLOWED_HOSTS = [h.strip() for h in (env("ALLOWED_HOSTS", "127.0.0.1,localhost") or "").split(",") if h]
+ALLOWED_HOSTS = [
+    h.strip() for h in (env("ALLOWED_HOSTS", "127.0.0.1,localhost") or "").split(",") if h
+]
 CSRF_TRUSTED_ORIGINS = [
     o.strip() for o in (env("CSRF_TRUSTED_ORIGINS", "") or "").split(",") if o.strip()
 ]

@@ -178,7 +178,8 @@ class _WriterBase(ABC):
 
 class ObjectStore(ABC):
     @abstractmethod
-    def writer(self, key: str) -> ObjectWriter: ...
+    def writer(self, key: str, size_hint: int | None = None) -> ObjectWriter:
+        """A writer for `key`; `size_hint` (expected bytes) lets S3 size its parts."""
 
     @abstractmethod
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -361,7 +362,7 @@ class FileSystemStore(ObjectStore):
     def _tmp_path(self, key: str) -> Path:
         return self._incomplete / f"{validate_key(key)}.{uuid.uuid4().hex}"
 
-    def writer(self, key: str) -> _FileWriter:
+    def writer(self, key: str, size_hint: int | None = None) -> _FileWriter:
         return _FileWriter(key, self._path(key), self._tmp_path(key))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> ChunkStream:
@@ -547,10 +548,19 @@ class _S3Writer(_WriterBase):
     """Buffers one part; past one part, uploads parts on a small pool, at most
     max_concurrency in flight, so memory stays under (max_concurrency + 1) * part_size."""
 
-    def __init__(self, store: S3Store, key: str) -> None:
+    def __init__(self, store: S3Store, key: str, size_hint: int | None = None) -> None:
         self._store = store
         self._key = key
         self._part_size = store.part_size
+        self._window = store.max_concurrency
+        if size_hint and size_hint > store.part_size * (MAX_PARTS - 1):
+            # Huge objects (S3 allows 10,000 parts): grow the part size to fit, and shrink the
+            # in-flight window so memory stays within the configured budget instead of
+            # growing with the object.
+            needed = -(-size_hint // (MAX_PARTS - 1))
+            self._part_size = min(MAX_PART_SIZE, -(-needed // (1 << 20)) * (1 << 20))
+            budget = store.part_size * store.max_concurrency
+            self._window = max(1, min(store.max_concurrency, budget // self._part_size))
         self._buf = bytearray()
         self._written = 0
         self._upload_id: str | None = None
@@ -588,13 +598,13 @@ class _S3Writer(_WriterBase):
             resp = self._store._call("create_multipart_upload", self._key)
             self._upload_id = resp["UploadId"]
             self._executor = ThreadPoolExecutor(
-                max_workers=self._store.max_concurrency, thread_name_prefix="s3-part"
+                max_workers=self._window, thread_name_prefix="s3-part"
             )
         if self._next_part > MAX_PARTS:
             raise StorageError(
                 f"{self._key!r} needs more than {MAX_PARTS} parts of {self._part_size} bytes"
             )
-        self._collect(block_until=self._store.max_concurrency - 1)
+        self._collect(block_until=self._window - 1)
         assert self._executor is not None
         future = self._executor.submit(
             self._store._upload_part, self._key, self._upload_id, self._next_part, body
@@ -757,8 +767,8 @@ class S3Store(ObjectStore):
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, "list_multipart_uploads", prefix) from exc
 
-    def writer(self, key: str) -> _S3Writer:
-        return _S3Writer(self, validate_key(key))
+    def writer(self, key: str, size_hint: int | None = None) -> _S3Writer:
+        return _S3Writer(self, validate_key(key), size_hint)
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> ChunkStream:
         validate_key(key)

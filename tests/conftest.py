@@ -20,7 +20,7 @@ import requests
 
 # moto accepts any credentials; these keep boto3 from looking for real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")  # noqa: S105 - moto's dummy secret
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 REGION = "us-east-1"
@@ -36,7 +36,7 @@ def free_port() -> int:
 def moto_endpoint() -> Iterator[str]:
     """moto's server (S3 + KMS) in a child process on a free loopback port."""
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+    proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -76,6 +76,7 @@ def kms_key_id(moto_endpoint: str) -> str:
 
 
 # --- Registry fixtures ---------------------------------------------------------------------
+
 
 @pytest.fixture(autouse=True)
 def isolated_registry(settings, tmp_path):
@@ -118,7 +119,9 @@ def use_kms(settings, endpoint: str, key_id: str) -> None:
 def store_kind(request, settings) -> str:
     """Run a test against the folder store and against S3 (moto over HTTP)."""
     if request.param == "s3":
-        use_s3(settings, request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket"))
+        use_s3(
+            settings, request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
+        )
     return request.param
 
 

@@ -84,14 +84,22 @@ def key_call(fn: Callable, *args, **kwargs):
 
 
 def write_encrypted(
-    *, store: storage.ObjectStore, key: str, dek: bytes, ad: bytes, chunks: Iterable[bytes]
+    *,
+    store: storage.ObjectStore,
+    key: str,
+    dek: bytes,
+    ad: bytes,
+    chunks: Iterable[bytes],
+    size_hint: int | None = None,
 ) -> Written:
     """Encrypt `chunks` into object `key` in one pass, returning plaintext size and SHA-256.
 
     The object only becomes visible on commit; on any error the write is aborted.
     """
     encryptor = stream.StreamEncryptor(dek, ad)
-    writer = store.writer(key)
+    writer = store.writer(
+        key, size_hint=stream.ciphertext_size(size_hint) if size_hint is not None else None
+    )
     try:
         for chunk in chunks:
             for out in encryptor.update(chunk):
@@ -182,7 +190,12 @@ def artifact_store_stream(
     try:
         try:
             written = write_encrypted(
-                store=store, key=key, dek=dek, ad=associated_data(artifact_id), chunks=chunks
+                store=store,
+                key=key,
+                dek=dek,
+                ad=associated_data(artifact_id),
+                chunks=chunks,
+                size_hint=expected_size,
             )
         except storage.StorageUnavailable as exc:
             raise StorageUnavailable() from exc
@@ -252,7 +265,9 @@ def artifact_delete(*, artifact: Artifact) -> None:
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=artifact.version_id)
         ensure_draft(locked)
-        PendingObject.objects.get_or_create(object_key=artifact.object_key, defaults={"reason": "delete"})
+        PendingObject.objects.get_or_create(
+            object_key=artifact.object_key, defaults={"reason": "delete"}
+        )
         Artifact.objects.filter(pk=artifact.pk).delete()
     pending_discard(storage.get_object_store(), artifact.object_key)
 
@@ -335,4 +350,3 @@ def artifacts_rewrap_all(
         if progress:
             progress(moved, total)
     return moved, total
-

@@ -134,12 +134,13 @@ def _session_dek(session: UploadSession) -> bytes:
 
 
 def upload_part_put(*, session: UploadSession, number: int, body, length: int) -> UploadPart:
-    """Store part `number` (1-based). Re-sending a part replaces it; a broken send changes nothing."""
+    """Store part `number` (1-based).
+
+    Re-sending a part replaces it; a broken send changes nothing.
+    """
     _ensure_open(session)
     if not 1 <= number <= session.part_count:
-        raise InvalidInput(
-            f"part number must be between 1 and {session.part_count}", number=number
-        )
+        raise InvalidInput(f"part number must be between 1 and {session.part_count}", number=number)
     expected = expected_part_size(session, number)
     if length != expected:
         raise InvalidInput(
@@ -154,8 +155,12 @@ def upload_part_put(*, session: UploadSession, number: int, body, length: int) -
     try:
         try:
             written = write_encrypted(
-                store=store, key=key, dek=dek, ad=_part_ad(session, number),
+                store=store,
+                key=key,
+                dek=dek,
+                ad=_part_ad(session, number),
                 chunks=read_body(body, length),
+                size_hint=length,
             )
         except storage.StorageUnavailable as exc:
             raise StorageUnavailable() from exc
@@ -166,10 +171,16 @@ def upload_part_put(*, session: UploadSession, number: int, body, length: int) -
             old = UploadPart.objects.filter(session=locked, number=number).first()
             replaced = old.object_key if old else None
             if old is not None:
-                PendingObject.objects.get_or_create(object_key=replaced, defaults={"reason": "replace"})
+                PendingObject.objects.get_or_create(
+                    object_key=replaced, defaults={"reason": "replace"}
+                )
                 old.delete()
             part = UploadPart.objects.create(
-                session=locked, number=number, size=written.size, sha256=written.sha256, object_key=key
+                session=locked,
+                number=number,
+                size=written.size,
+                sha256=written.sha256,
+                object_key=key,
             )
             PendingObject.objects.filter(object_key=key).delete()
     except BaseException:

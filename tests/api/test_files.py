@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import requests
 
-from registry.crypto.stream import FIRST_SEGMENT_PLAINTEXT, SEGMENT_PLAINTEXT, SEGMENT_SIZE
+from registry.crypto.stream import FIRST_SEGMENT_PLAINTEXT, SEGMENT_PLAINTEXT
 from registry.models import Artifact, PendingObject
 from tests.conftest import FILES
 from tests.support.objects import IterBody, pattern, pattern_bytes, pattern_sha256
@@ -30,7 +30,13 @@ def digest_header(data: bytes) -> str:
 
 @pytest.mark.parametrize(
     "size",
-    [0, 1, FIRST_SEGMENT_PLAINTEXT, FIRST_SEGMENT_PLAINTEXT + 1, FIRST_SEGMENT_PLAINTEXT + SEGMENT_PLAINTEXT],
+    [
+        0,
+        1,
+        FIRST_SEGMENT_PLAINTEXT,
+        FIRST_SEGMENT_PLAINTEXT + 1,
+        FIRST_SEGMENT_PLAINTEXT + SEGMENT_PLAINTEXT,
+    ],
     ids=["empty", "one-byte", "one-segment", "segment-plus-one", "two-segments"],
 )
 def test_round_trip(actors, draft, store_kind, size):
@@ -128,8 +134,17 @@ B1 = FIRST_SEGMENT_PLAINTEXT + SEGMENT_PLAINTEXT  # first byte of segment 2
         (f"bytes={B1 + 3}-", B1 + 3, RANGE_SIZE),
         (f"bytes=5-{RANGE_SIZE + 100}", 5, RANGE_SIZE),
     ],
-    ids=["first", "last", "across-0-1", "two-boundaries", "three-segments", "suffix",
-         "suffix-too-long", "open", "end-past-eof"],
+    ids=[
+        "first",
+        "last",
+        "across-0-1",
+        "two-boundaries",
+        "three-segments",
+        "suffix",
+        "suffix-too-long",
+        "open",
+        "end-past-eof",
+    ],
 )
 def test_range(actors, ranged, header, start, end):
     r = actors.client("alice").get(f"{FILES}/r.bin", HTTP_RANGE=header)
@@ -141,7 +156,9 @@ def test_range(actors, ranged, header, start, end):
     assert r["Repr-Digest"] == digest_header(ranged)
 
 
-@pytest.mark.parametrize("header", [f"bytes={RANGE_SIZE}-", f"bytes={RANGE_SIZE + 5}-{RANGE_SIZE + 9}", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header", [f"bytes={RANGE_SIZE}-", f"bytes={RANGE_SIZE + 5}-{RANGE_SIZE + 9}", "bytes=-0"]
+)
 def test_range_unsatisfiable(actors, ranged, header):
     r = actors.client("alice").get(f"{FILES}/r.bin", HTTP_RANGE=header)
     assert r.status_code == 416
@@ -170,6 +187,7 @@ def test_if_none_match_gives_304(actors, draft):
 
 
 # --- Bad input -----------------------------------------------------------------------------
+
 
 def nothing_stored(settings) -> None:
     assert not Artifact.objects.exists()
@@ -227,8 +245,19 @@ def test_other_namespace_is_404_not_403(actors, draft):
         "dir/" + "é" * 511,  # 1026 bytes in UTF-8
         "a%0Ab",
     ],
-    ids=["dotdot", "dotdot-inner", "dot", "absolute", "backslash", "nul", "empty-segment",
-         "trailing-slash", "too-long", "too-long-utf8", "newline"],
+    ids=[
+        "dotdot",
+        "dotdot-inner",
+        "dot",
+        "absolute",
+        "backslash",
+        "nul",
+        "empty-segment",
+        "trailing-slash",
+        "too-long",
+        "too-long-utf8",
+        "newline",
+    ],
 )
 def test_odd_paths_are_400(actors, draft, settings, path):
     r = put(actors.client("alice"), path, b"data")
@@ -243,7 +272,9 @@ def test_longest_allowed_path_works(actors, draft):
 
 
 def test_digest_mismatch_is_400_and_nothing_stored(actors, draft, store_kind, settings):
-    r = put(actors.client("alice"), "a.bin", b"real bytes", HTTP_CONTENT_DIGEST=digest_header(b"other"))
+    r = put(
+        actors.client("alice"), "a.bin", b"real bytes", HTTP_CONTENT_DIGEST=digest_header(b"other")
+    )
     assert r.status_code == 400
     assert r.json()["code"] == "digest_mismatch"
     nothing_stored(settings)

@@ -69,8 +69,15 @@ def test_resumable_1_gib_with_a_resent_part(actors, draft, live_server):
     expected = pattern_sha256(size, seed)
     base = f"{live_server.url}{VERSION}/uploads"
     r = requests.post(
-        base, json={"path": "llm/model.safetensors", "size": size, "sha256": expected,
-                    "part_size": part_size}, headers=auth(actors), timeout=30,
+        base,
+        json={
+            "path": "llm/model.safetensors",
+            "size": size,
+            "sha256": expected,
+            "part_size": part_size,
+        },
+        headers=auth(actors),
+        timeout=30,
     )
     assert r.status_code == 201, r.text
     session = r.json()
@@ -84,11 +91,17 @@ def test_resumable_1_gib_with_a_resent_part(actors, draft, live_server):
         n = min(part_size, size - (number - 1) * part_size)
         if number == broken:
             # The connection drops halfway through part 5: nothing of it is kept.
-            reply = send_partial(part_url, auth(actors), n, part_chunks(size, part_size, number, seed), n // 2)
+            reply = send_partial(
+                part_url, auth(actors), n, part_chunks(size, part_size, number, seed), n // 2
+            )
             assert not reply or b" 400 " in reply.split(b"\r\n", 1)[0]
             continue
-        r = requests.put(part_url, data=IterBody(part_chunks(size, part_size, number, seed), n),
-                         headers=auth(actors), timeout=120)
+        r = requests.put(
+            part_url,
+            data=IterBody(part_chunks(size, part_size, number, seed), n),
+            headers=auth(actors),
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
 
     status = requests.get(url, headers=auth(actors), timeout=30).json()
@@ -98,8 +111,12 @@ def test_resumable_1_gib_with_a_resent_part(actors, draft, live_server):
     assert r.json()["extra"]["missing"] == [broken]
 
     n = part_size
-    r = requests.put(f"{url}/parts/{broken}", data=IterBody(part_chunks(size, part_size, broken, seed), n),
-                     headers=auth(actors), timeout=120)
+    r = requests.put(
+        f"{url}/parts/{broken}",
+        data=IterBody(part_chunks(size, part_size, broken, seed), n),
+        headers=auth(actors),
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     r = requests.post(f"{url}/complete", headers=auth(actors), timeout=600)
     assert r.status_code == 201, r.text
@@ -110,23 +127,34 @@ def test_resumable_1_gib_with_a_resent_part(actors, draft, live_server):
     assert not PendingObject.objects.exists()
 
     # And the assembled file reads back: check a range across a part boundary.
-    r = requests.get(f"{live_server.url}{FILES}/llm/model.safetensors",
-                     headers={**auth(actors), "Range": f"bytes={part_size - 10}-{part_size + 9}"}, timeout=30)
+    r = requests.get(
+        f"{live_server.url}{FILES}/llm/model.safetensors",
+        headers={**auth(actors), "Range": f"bytes={part_size - 10}-{part_size + 9}"},
+        timeout=30,
+    )
     assert r.status_code == 206
-    whole = b"".join(part_chunks(size, part_size, 1, seed))[-10:] + b"".join(part_chunks(size, part_size, 2, seed))[:10]
+    whole = (
+        b"".join(part_chunks(size, part_size, 1, seed))[-10:]
+        + b"".join(part_chunks(size, part_size, 2, seed))[:10]
+    )
     assert r.content == whole
 
 
 def test_upload_session_digest_mismatch_and_abort(actors, draft, settings):
     alice = actors.client("alice")
     data = b"a" * (3 * MIB + 5)
-    r = alice.post(f"{VERSION}/uploads", {"path": "x.bin", "size": len(data), "sha256": "0" * 64,
-                                           "part_size": MIB}, format="json")
+    r = alice.post(
+        f"{VERSION}/uploads",
+        {"path": "x.bin", "size": len(data), "sha256": "0" * 64, "part_size": MIB},
+        format="json",
+    )
     assert r.status_code == 201
     sid = r.json()["id"]
     for k in range(1, 5):
         chunk = data[(k - 1) * MIB : k * MIB]
-        r = alice.put(f"{VERSION}/uploads/{sid}/parts/{k}", chunk, content_type="application/octet-stream")
+        r = alice.put(
+            f"{VERSION}/uploads/{sid}/parts/{k}", chunk, content_type="application/octet-stream"
+        )
         assert r.status_code == 200, r.content
     r = alice.post(f"{VERSION}/uploads/{sid}/complete")
     assert r.status_code == 400
@@ -143,20 +171,38 @@ def test_upload_session_digest_mismatch_and_abort(actors, draft, settings):
 
 def test_upload_part_size_rules(actors, draft):
     alice = actors.client("alice")
-    r = alice.post(f"{VERSION}/uploads", {"path": "x.bin", "size": 2 * MIB + 1, "part_size": MIB}, format="json")
+    r = alice.post(
+        f"{VERSION}/uploads",
+        {"path": "x.bin", "size": 2 * MIB + 1, "part_size": MIB},
+        format="json",
+    )
     sid = r.json()["id"]
-    wrong = alice.put(f"{VERSION}/uploads/{sid}/parts/1", b"x" * 10, content_type="application/octet-stream")
+    wrong = alice.put(
+        f"{VERSION}/uploads/{sid}/parts/1", b"x" * 10, content_type="application/octet-stream"
+    )
     assert wrong.status_code == 400
     assert wrong.json()["extra"]["expected"] == MIB
-    assert alice.put(f"{VERSION}/uploads/{sid}/parts/4", b"x", content_type="application/octet-stream").status_code == 400
-    assert alice.put(f"{VERSION}/uploads/{sid}/parts/3", b"x", content_type="application/octet-stream").status_code == 200
+    assert (
+        alice.put(
+            f"{VERSION}/uploads/{sid}/parts/4", b"x", content_type="application/octet-stream"
+        ).status_code
+        == 400
+    )
+    assert (
+        alice.put(
+            f"{VERSION}/uploads/{sid}/parts/3", b"x", content_type="application/octet-stream"
+        ).status_code
+        == 200
+    )
     bad = alice.post(f"{VERSION}/uploads", {"path": "../x", "size": 1}, format="json")
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_path"
     assert actors.client("mallory").get(f"{VERSION}/uploads/{sid}").status_code == 404
     assert actors.client("carol").get(f"{VERSION}/uploads/{sid}").status_code == 403
 
 
-def test_body_shorter_than_content_length_is_400_and_nothing_stored(actors, draft, settings, live_server):
+def test_body_shorter_than_content_length_is_400_and_nothing_stored(
+    actors, draft, settings, live_server
+):
     url = f"{live_server.url}{FILES}/short.bin"
     reply = send_partial(url, auth(actors), 3 * MIB, pattern(3 * MIB), MIB + 17)
     status_line = reply.split(b"\r\n", 1)[0]
@@ -166,5 +212,7 @@ def test_body_shorter_than_content_length_is_400_and_nothing_stored(actors, draf
     assert not PendingObject.objects.exists()
     assert [p for p in settings.SMR_OBJECTS_DIR.rglob("*") if p.is_file()] == []
     # Control: the same upload sent whole is accepted.
-    r = requests.put(url, data=IterBody(pattern(3 * MIB), 3 * MIB), headers=auth(actors), timeout=30)
+    r = requests.put(
+        url, data=IterBody(pattern(3 * MIB), 3 * MIB), headers=auth(actors), timeout=30
+    )
     assert r.status_code == 201

@@ -352,3 +352,18 @@ def test_fs_key_that_collides_with_a_file(tmp_path: Path) -> None:
     assert not store.exists("a/b")
     with pytest.raises(ObjectNotFound):
         store.read("a/b")
+
+
+def test_s3_writer_grows_parts_for_huge_objects_within_memory_budget(moto_endpoint, s3_bucket):
+    """A 1 TB object must fit S3's 10,000-part limit without buffering more than the budget."""
+    store = S3Store(s3_bucket, endpoint_url=moto_endpoint, part_size=16 << 20, max_concurrency=4)
+    small = store.writer("small", size_hint=100 << 20)
+    huge = store.writer("huge", size_hint=1 << 40)
+    try:
+        assert (small._part_size, small._window) == (16 << 20, 4)
+        assert huge._part_size * 9_999 >= 1 << 40
+        # In-flight bytes never exceed the configured part_size * max_concurrency budget.
+        assert huge._part_size * huge._window <= max(64 << 20, huge._part_size)
+    finally:
+        small.abort()
+        huge.abort()

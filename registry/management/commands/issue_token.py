@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
@@ -32,7 +33,13 @@ class Command(BaseCommand):
 
         scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
         days = opts["days"] if opts["days"] is not None else settings.SMR_TOKEN_DEFAULT_DAYS
+        if days < 0:
+            raise CommandError("--days must be 0 (never expires) or a positive number of days.")
         User = get_user_model()
+        try:
+            User._meta.get_field(User.USERNAME_FIELD).clean(username, None)
+        except ValidationError as exc:
+            raise CommandError(f"Invalid username {username!r}: {' '.join(exc.messages)}") from exc
         with transaction.atomic():
             user, created = User.objects.get_or_create(username=username)
             if created:
@@ -41,11 +48,26 @@ class Command(BaseCommand):
                 user.is_staff = user.is_superuser = True
             user.save()
             if namespace:
-                ns, _ = Namespace.objects.get_or_create(name=namespace, defaults={"created_by": user})
-                Membership.objects.update_or_create(namespace=ns, user=user, defaults={"role": role})
+                ns = Namespace.objects.filter(name=namespace).first()
+                if ns is None:
+                    ns = Namespace(name=namespace, created_by=user)
+                    # The same name rules as the API's namespace create.
+                    try:
+                        ns.full_clean(exclude=["created_by"], validate_constraints=False)
+                    except ValidationError as exc:
+                        raise CommandError(
+                            f"Invalid namespace name {namespace!r}: {' '.join(exc.messages)}"
+                        ) from exc
+                    ns.save()
+                Membership.objects.update_or_create(
+                    namespace=ns, user=user, defaults={"role": role}
+                )
             try:
                 issued = tokens.token_create(
-                    user=user, scopes=scope_list, name=opts["name"], expires_at=tokens.default_expiry(days)
+                    user=user,
+                    scopes=scope_list,
+                    name=opts["name"],
+                    expires_at=tokens.default_expiry(days),
                 )
             except Exception as exc:
                 raise CommandError(str(exc)) from exc

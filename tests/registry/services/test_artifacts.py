@@ -14,7 +14,12 @@ from django.core.management import call_command
 from django.db import connection
 
 from registry import keyconfig, storage
-from registry.crypto.stream import FIRST_SEGMENT_PLAINTEXT, HEADER_SIZE, SEGMENT_PLAINTEXT, SEGMENT_SIZE
+from registry.crypto.stream import (
+    FIRST_SEGMENT_PLAINTEXT,
+    HEADER_SIZE,
+    SEGMENT_PLAINTEXT,
+    SEGMENT_SIZE,
+)
 from registry.errors import IntegrityFailure, StorageUnavailable
 from registry.models import Artifact, PendingObject
 from registry.services import janitor
@@ -50,7 +55,7 @@ def all_db_bytes() -> bytes:
     out = bytearray()
     with connection.cursor() as cursor:
         for table in connection.introspection.table_names():
-            cursor.execute(f'SELECT * FROM "{table}"')  # noqa: S608 - table names from introspection
+            cursor.execute(f'SELECT * FROM "{table}"')
             for row in cursor.fetchall():
                 for value in row:
                     if isinstance(value, memoryview | bytes):
@@ -81,6 +86,7 @@ def test_no_plaintext_or_data_key_at_rest(actors, draft, store_kind, settings):
 
 
 # --- Interop with Tink, at the artifact level -------------------------------------------------
+
 
 def tink_streaming_primitive(dek: bytes):
     from tests.registry.crypto.test_stream import tink_streaming_aead
@@ -128,6 +134,7 @@ def test_tink_written_object_is_served_by_registry(actors, draft):
 
 # --- Tampering -----------------------------------------------------------------------------
 
+
 def tamper(artifact: Artifact, change) -> None:
     write_object(artifact.object_key, change(bytearray(read_object(artifact.object_key))))
 
@@ -160,8 +167,14 @@ FOUR_SEGMENTS = FIRST_SEGMENT_PLAINTEXT + 3 * SEGMENT_PLAINTEXT  # exactly 4 ful
         (swap_segments, FIRST_SEGMENT_PLAINTEXT),
         (lambda b: bytes(b[:-1]), FIRST_SEGMENT_PLAINTEXT + 2 * SEGMENT_PLAINTEXT),
     ],
-    ids=["flip-seg0", "flip-header", "flip-seg2", "truncate-at-boundary", "swap-segments",
-         "truncate-one-byte"],
+    ids=[
+        "flip-seg0",
+        "flip-header",
+        "flip-seg2",
+        "truncate-at-boundary",
+        "swap-segments",
+        "truncate-one-byte",
+    ],
 )
 def test_tampered_object_never_served(actors, draft, store_kind, caplog, change, good_prefix):
     data = pattern_bytes(FOUR_SEGMENTS, seed=5)
@@ -223,6 +236,7 @@ def test_range_inside_intact_segments_of_tampered_object_is_served(actors, draft
 
 # --- Key rotation --------------------------------------------------------------------------
 
+
 def stored_digests() -> dict[str, str]:
     return {
         a.object_key: hashlib.sha256(read_object(a.object_key)).hexdigest()
@@ -257,7 +271,9 @@ def test_rewrap_local_to_new_local_key(actors, draft):
     assert_all_download(actors, files)
 
 
-def test_rewrap_kms_to_new_kms_key_and_local_to_kms(actors, draft, settings, moto_endpoint, kms_key_id):
+def test_rewrap_kms_to_new_kms_key_and_local_to_kms(
+    actors, draft, settings, moto_endpoint, kms_key_id
+):
     local_files = {"old.bin": b"wrapped locally"}
     upload(actors, "old.bin", local_files["old.bin"])
     use_kms(settings, moto_endpoint, kms_key_id)
@@ -281,6 +297,7 @@ def test_rewrap_kms_to_new_kms_key_and_local_to_kms(actors, draft, settings, mot
 
 # --- Storage outage ------------------------------------------------------------------------
 
+
 @pytest.fixture
 def s3_behind_proxy(settings, moto_endpoint, s3_bucket):
     port = int(moto_endpoint.rsplit(":", 1)[1])
@@ -296,7 +313,9 @@ def multipart_uploads(moto_endpoint: str, bucket: str) -> list:
     return s3_client(moto_endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
-def test_outage_mid_upload_leaves_nothing(actors, draft, settings, moto_endpoint, s3_bucket, s3_behind_proxy):
+def test_outage_mid_upload_leaves_nothing(
+    actors, draft, settings, moto_endpoint, s3_bucket, s3_behind_proxy
+):
     proxy = s3_behind_proxy
     size = 24 << 20
 
@@ -310,8 +329,12 @@ def test_outage_mid_upload_leaves_nothing(actors, draft, settings, moto_endpoint
 
     with pytest.raises(StorageUnavailable):
         artifact_store_stream(
-            version=draft, path="big.bin", chunks=cut_mid_stream(), expected_sha256=None,
-            expected_size=size, creator=actors.users["alice"],
+            version=draft,
+            path="big.bin",
+            chunks=cut_mid_stream(),
+            expected_sha256=None,
+            expected_size=size,
+            creator=actors.users["alice"],
         )
     assert not Artifact.objects.exists()
     # The store was down for the abort too: the pending record remembers what to clean.
@@ -328,7 +351,9 @@ def test_outage_during_api_upload_is_503(actors, draft, moto_endpoint, s3_bucket
     timer = threading.Timer(0.5, proxy.cut)  # the throttled proxy makes this land mid-upload
     timer.start()
     try:
-        r = actors.client("alice").put(f"{FILES}/big.bin", pattern_bytes(40 << 20), content_type=OCTET)
+        r = actors.client("alice").put(
+            f"{FILES}/big.bin", pattern_bytes(40 << 20), content_type=OCTET
+        )
     finally:
         timer.cancel()
     assert r.status_code == 503
