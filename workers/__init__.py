@@ -1,0 +1,1 @@
+"""Celery app and thin tasks (arrive with the worker issues)."""

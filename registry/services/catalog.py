@@ -58,6 +58,7 @@ def member_set(*, namespace: Namespace, username: str, role: str) -> Membership:
     if user is None:
         raise NotFound(f"No user named {username!r}.")
     with transaction.atomic():
+        _lock_members(namespace)
         membership, _created = Membership.objects.select_for_update().get_or_create(
             namespace=namespace, user=user, defaults={"role": role}
         )
@@ -72,6 +73,7 @@ def member_remove(*, namespace: Namespace, username: str) -> None:
     if "\x00" in username:  # PostgreSQL rejects NUL in text; no user can have such a name
         raise NotFound(f"{username!r} is not a member of {namespace.name!r}.")
     with transaction.atomic():
+        _lock_members(namespace)
         membership = (
             Membership.objects.select_for_update()
             .filter(namespace=namespace, user__username=username)
@@ -83,16 +85,20 @@ def member_remove(*, namespace: Namespace, username: str) -> None:
         membership.delete()
 
 
+def _lock_members(namespace: Namespace) -> None:
+    # Serialise membership changes per namespace on the namespace row. Locking only the member
+    # rows lets two admins removing each other take them in opposite orders: a deadlock (500).
+    # NO KEY UPDATE: inserts that merely reference the namespace (models, members) never wait.
+    Namespace.objects.select_for_update(no_key=True).filter(pk=namespace.pk).first()
+
+
 def _ensure_admin_remains(
     namespace: Namespace, membership: Membership, *, new_role: str | None
 ) -> None:
     if membership.role != Role.ADMIN or new_role == Role.ADMIN:
         return
-    # Lock every admin row so two concurrent demotions cannot both pass this check.
-    admins = list(
-        Membership.objects.select_for_update().filter(namespace=namespace, role=Role.ADMIN)
-    )
-    if len(admins) <= 1:
+    # The namespace row lock (_lock_members) keeps two demotions from both passing this check.
+    if Membership.objects.filter(namespace=namespace, role=Role.ADMIN).count() <= 1:
         raise Conflict("A namespace must keep at least one admin.", code_hint="last_admin")
 
 

@@ -86,8 +86,14 @@ def test_yaml_parses(path: Path) -> None:
 
 
 def test_expected_files_exist() -> None:
-    for name in ("Dockerfile", "compose.yaml", "README.md", "k8s/kustomization.yaml",
-                 "k8s/secret.example.yaml", "gunicorn.conf.py"):
+    for name in (
+        "Dockerfile",
+        "compose.yaml",
+        "README.md",
+        "k8s/kustomization.yaml",
+        "k8s/secret.example.yaml",
+        "gunicorn.conf.py",
+    ):
         assert (DEPLOY / name).is_file(), name
 
 
@@ -243,9 +249,7 @@ def test_network_policy_default_denies() -> None:
 
 def test_secret_files_referenced_by_config_are_mounted() -> None:
     data = find("ConfigMap", "smr-config")["data"]
-    secrets = {
-        d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == "Secret"
-    }
+    secrets = {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == "Secret"}
     spec = pod_spec(find("Deployment", "smr-web"))
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in spec["containers"][0]["volumeMounts"]}
@@ -274,8 +278,11 @@ SECRETISH_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|PRIVATE|CREDENTIAL)"
 def deploy_text_files() -> list[Path]:
     skip = {".pyc"}
     return sorted(
-        p for p in DEPLOY.rglob("*")
-        if p.is_file() and p.suffix not in skip and "__pycache__" not in p.parts
+        p
+        for p in DEPLOY.rglob("*")
+        if p.is_file()
+        and p.suffix not in skip
+        and "__pycache__" not in p.parts
         and p.parent != DEPLOY / "secrets"  # generated locally, git-ignored
     )
 
@@ -302,8 +309,11 @@ def test_secret_example_holds_placeholders_only() -> None:
         assert "data" not in doc, "use stringData so placeholders stay readable"
         for key, value in doc["stringData"].items():
             assert PLACEHOLDER in value, f"{doc['metadata']['name']}.{key} is not a placeholder"
-    keyring = json.loads(next(d for d in docs if d["metadata"]["name"] == "smr-keyring")
-                         ["stringData"]["keyring.json"])
+    keyring = json.loads(
+        next(d for d in docs if d["metadata"]["name"] == "smr-keyring")["stringData"][
+            "keyring.json"
+        ]
+    )
     assert keyring["version"] == 1
     assert all(entry["key"] == PLACEHOLDER for entry in keyring["keys"].values())
 
@@ -403,14 +413,23 @@ def test_compose_env_and_secrets() -> None:
     assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
     assert env["SMR_KEY_PROVIDER"] == "local"
     assert env["SECURE_SSL_REDIRECT"] == "0"
-    for key in ("S3_BUCKET", "S3_REGION", "S3_ACCESS_KEY_ID", "ALLOWED_HOSTS",
-                "CSRF_TRUSTED_ORIGINS"):
+    for key in (
+        "S3_BUCKET",
+        "S3_REGION",
+        "S3_ACCESS_KEY_ID",
+        "ALLOWED_HOSTS",
+        "CSRF_TRUSTED_ORIGINS",
+    ):
         assert env[key], key
     assert "localhost" in env["ALLOWED_HOSTS"].split(",")  # the HEALTHCHECK's Host
     declared = doc["secrets"]
     mounted = set(services["web"]["secrets"])
-    for var in ("SECRET_KEY_FILE", "S3_SECRET_ACCESS_KEY_FILE", "SMR_KEYRING_FILE",
-                "DATABASE_URL_FILE"):
+    for var in (
+        "SECRET_KEY_FILE",
+        "S3_SECRET_ACCESS_KEY_FILE",
+        "SMR_KEYRING_FILE",
+        "DATABASE_URL_FILE",
+    ):
         path = env[var]
         assert path.startswith("/run/secrets/"), var
         assert path.removeprefix("/run/secrets/") in mounted, var

@@ -1,0 +1,1 @@
+"""Python SDK and `smr` command-line client (arrives with the CLI issue)."""
