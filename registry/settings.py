@@ -88,6 +88,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the API docs' assets (and later the dashboard's) without a separate web server.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -133,7 +135,9 @@ TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = env("STATIC_ROOT") or None
+# Serve straight from the installed apps' static folders: no collectstatic step to forget.
+WHITENOISE_USE_FINDERS = True
 
 # Uploads are streamed from the WSGI input by the file views; nothing is buffered by Django.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
