@@ -236,3 +236,86 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"smr_{self.key_id}_…"
+
+
+class AuditAction(models.TextChoices):
+    AUTH_FAILED = "auth.failed"
+    LOGIN_FAILED = "auth.login_failed"
+    TOKEN_CREATE = "token.create"
+    TOKEN_REVOKE = "token.revoke"
+    NAMESPACE_CREATE = "namespace.create"
+    NAMESPACE_UPDATE = "namespace.update"
+    MEMBER_SET = "member.set"
+    MEMBER_REMOVE = "member.remove"
+    MODEL_CREATE = "model.create"
+    MODEL_UPDATE = "model.update"
+    MODEL_DELETE = "model.delete"
+    VERSION_CREATE = "version.create"
+    VERSION_SUBMIT = "version.submit"
+    ARTIFACT_UPLOAD = "artifact.upload"
+    ARTIFACT_DOWNLOAD = "artifact.download"
+    ARTIFACT_DELETE = "artifact.delete"
+    ARTIFACT_INTEGRITY_FAILURE = "artifact.integrity_failure"
+    UPLOAD_CREATE = "upload.create"
+    UPLOAD_PART = "upload.part"
+    UPLOAD_COMPLETE = "upload.complete"
+    UPLOAD_ABORT = "upload.abort"
+    KEY_REWRAP = "key.rewrap"
+    ACCESS_DENIED = "access.denied"
+    AUDIT_CHECKPOINT = "audit.checkpoint"
+    AUDIT_VERIFY = "audit.verify"
+    AUDIT_EXPORT = "audit.export"
+
+
+class AuditOutcome(models.TextChoices):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DENIED = "denied"
+
+
+class AuditEvent(models.Model):
+    """One entry of the tamper-evident, append-only access log (hash chain).
+
+    `canonical` holds the exact bytes hashed: entry_hash = SHA-256(0x00 || prev_hash || seq ||
+    canonical). The other columns are a queryable copy, checked against `canonical` on verify.
+    """
+
+    seq = models.BigIntegerField(unique=True)
+    created_at = models.DateTimeField()
+    actor_kind = models.CharField(max_length=16)  # user, system, anonymous
+    actor_user = models.CharField(max_length=150, blank=True, default="", db_index=True)
+    actor_token = models.CharField(max_length=16, blank=True, default="")
+    action = models.CharField(max_length=40, choices=AuditAction.choices, db_index=True)
+    namespace = models.CharField(max_length=63, blank=True, default="", db_index=True)
+    target = models.CharField(max_length=1400, blank=True, default="")
+    target_sha256 = models.CharField(max_length=64, blank=True, default="")
+    request_id = models.CharField(max_length=64, blank=True, default="")
+    client_ip = models.CharField(max_length=64, blank=True, default="")
+    outcome = models.CharField(max_length=16, choices=AuditOutcome.choices)
+    details = models.JSONField(default=dict)
+    canonical = models.BinaryField()
+    prev_hash = models.CharField(max_length=64)
+    entry_hash = models.CharField(max_length=64)
+
+    class Meta:
+        indexes = [models.Index(fields=["created_at"], name="audit_created_idx")]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.action} {self.outcome}"
+
+
+class AuditCheckpoint(models.Model):
+    """A signed statement of the log's size, head hash and Merkle root at one moment."""
+
+    size = models.BigIntegerField(unique=True)
+    head_hash = models.CharField(max_length=64)
+    merkle_root = models.CharField(max_length=64)
+    prev_checkpoint_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField()
+    body = models.BinaryField()  # the exact signed bytes (canonical JSON of the fields above)
+    checkpoint_hash = models.CharField(max_length=64)
+    key_id = models.CharField(max_length=64)
+    signature = models.CharField(max_length=128)  # hex Ed25519 signature over `body`
+
+    def __str__(self) -> str:
+        return f"checkpoint @{self.size}"
