@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
+from registry.services import audit
 from registry.services.tokens import token_authenticate
 
 
@@ -23,7 +25,18 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         token = token_authenticate(raw)
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+        audit.context_set_actor(user=token.user.get_username(), token=token.key_id)
         return token.user, token
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="smr"'
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """Describes the bearer tokens in the OpenAPI schema (so /api/docs/ can send them)."""
+
+    target_class = "api.authentication.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "smr_<id>_<secret>"}

@@ -28,10 +28,10 @@ from api.serializers import ArtifactOut, UploadIn, UploadOut
 from api.views import ListView, parse, principal_of
 from registry import selectors
 from registry.access import Action
-from registry.errors import InvalidInput, LengthRequired, RangeNotSatisfiable
-from registry.models import Artifact
+from registry.errors import InvalidInput, LengthRequired, PermissionDenied, RangeNotSatisfiable
+from registry.models import Artifact, AuditAction, AuditOutcome
 from registry.paths import validate_artifact_path
-from registry.services import artifacts, uploads
+from registry.services import artifacts, audit, uploads
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,20 @@ class FileView(APIView):
 
     def _artifact(self, request: Request, ns: str, model: str, number: int, path: str) -> Artifact:
         validate_artifact_path(path)
-        return selectors.artifact_get_for_user(
-            principal_of(request), ns, model, number, path, Action.DOWNLOAD
-        )
+        try:
+            return selectors.artifact_get_for_user(
+                principal_of(request), ns, model, number, path, Action.DOWNLOAD
+            )
+        except PermissionDenied as exc:
+            # A member asking for bytes their role forbids (auditor, viewer on a draft).
+            audit.audit_record_now(
+                action=AuditAction.ACCESS_DENIED,
+                outcome=AuditOutcome.DENIED,
+                namespace=ns,
+                target=f"{ns}/{model}/v{number}/{path}",
+                details={"operation": "download", "reason": exc.message},
+            )
+            raise
 
     @extend_schema(
         responses={
@@ -179,7 +190,9 @@ class FileView(APIView):
             return response
         byte_range = parse_range(request.META.get("HTTP_RANGE"), artifact.size)
         start, end = byte_range or (0, artifact.size)
-        body = artifacts.artifact_open(artifact=artifact, start=start, end=end)
+        body = artifacts.artifact_open(
+            artifact=artifact, start=start, end=end, ranged=byte_range is not None
+        )
         # Pull the first authenticated segment before sending headers, so a missing key,
         # an unreachable store or a corrupt first segment is a clean error response.
         first = next(body, b"")

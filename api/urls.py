@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from api import files, views
+from api import audit, files, views
 
 
 class VersionNumber:
@@ -47,6 +47,11 @@ urlpatterns = [
     path(f"{V}/uploads/<uuid:upload_id>", files.UploadDetailView.as_view()),
     path(f"{V}/uploads/<uuid:upload_id>/parts/<int:part>", files.UploadPartView.as_view()),
     path(f"{V}/uploads/<uuid:upload_id>/complete", files.UploadCompleteView.as_view()),
+    path("audit/events", audit.AuditEventListView.as_view()),
+    path("audit/events/export", audit.AuditExportView.as_view()),
+    path("audit/checkpoints", audit.AuditCheckpointListView.as_view()),
+    path("audit/checkpoint-key", audit.AuditKeyView.as_view()),
+    path("audit/verify", audit.AuditVerifyView.as_view()),
     path("tokens", views.TokenListView.as_view()),
     path("tokens/<str:token_id>", views.TokenDetailView.as_view()),
 ]

@@ -60,7 +60,9 @@ class NamespaceListView(ListView):
 
     @extend_schema(responses=NamespaceOut(many=True))
     def get(self, request: Request) -> Response:
-        return self.page(request, selectors.namespace_list_for_user(principal_of(request)), NamespaceOut)
+        return self.page(
+            request, selectors.namespace_list_for_user(principal_of(request)), NamespaceOut
+        )
 
     @extend_schema(request=NamespaceIn, responses={201: NamespaceOut})
     def post(self, request: Request) -> Response:
@@ -121,7 +123,9 @@ class ModelListView(ListView):
     @extend_schema(request=ModelIn, responses={201: ModelOut})
     def post(self, request: Request, ns: str) -> Response:
         namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.WRITE)
-        model = catalog.model_create(namespace=namespace, creator=request.user, **parse(ModelIn, request))
+        model = catalog.model_create(
+            namespace=namespace, creator=request.user, **parse(ModelIn, request)
+        )
         return Response(ModelOut(model).data, status=status.HTTP_201_CREATED)
 
 
@@ -162,21 +166,27 @@ class VersionListView(ListView):
     @extend_schema(request=VersionIn, responses={201: VersionDetailOut})
     def post(self, request: Request, ns: str, model: str) -> Response:
         obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.WRITE)
-        version = catalog.version_create(model=obj, creator=request.user, **parse(VersionIn, request))
+        version = catalog.version_create(
+            model=obj, creator=request.user, **parse(VersionIn, request)
+        )
         return Response(VersionDetailOut(version).data, status=status.HTTP_201_CREATED)
 
 
 class VersionDetailView(APIView):
     @extend_schema(responses=VersionDetailOut)
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
-        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.READ)
+        version = selectors.version_get_for_user(
+            principal_of(request), ns, model, number, Action.READ
+        )
         return Response(VersionDetailOut(version).data)
 
 
 class VersionSubmitView(APIView):
     @extend_schema(request=None, responses=VersionDetailOut)
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
-        version = selectors.version_get_for_user(principal_of(request), ns, model, number, Action.WRITE)
+        version = selectors.version_get_for_user(
+            principal_of(request), ns, model, number, Action.WRITE
+        )
         version = catalog.version_submit(version=version)
         return Response(VersionDetailOut(version).data)
 

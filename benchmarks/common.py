@@ -284,6 +284,11 @@ def ensure_pg_database(url: str, env: dict[str, str]) -> None:
 # --- servers ---------------------------------------------------------------------------------
 
 
+def gunicorn_conf() -> str:
+    """deploy/gunicorn.conf.py, or $BENCH_GUNICORN_CONF to try a variant (e.g. with hooks)."""
+    return os.environ.get("BENCH_GUNICORN_CONF") or "deploy/gunicorn.conf.py"
+
+
 class Registry:
     """A real registry: gunicorn with deploy/gunicorn.conf.py, a fresh SMR_VAR_DIR, a token."""
 
@@ -357,7 +362,7 @@ class Registry:
         self.log_path = self.tmp / "gunicorn.log"
         self.proc = start_group(
             [
-                GUNICORN, "registry.wsgi:application", "-c", "deploy/gunicorn.conf.py",
+                GUNICORN, "registry.wsgi:application", "-c", gunicorn_conf(),
                 "--bind", f"127.0.0.1:{port}",
             ],
             env=env,

@@ -116,3 +116,19 @@ def upload_session_get_for_user(
         raise NotFound("No such upload session.")
     session.version = version
     return session
+
+
+def audit_namespaces_for_user(principal: Principal) -> list[str] | None:
+    """Namespaces whose audit events the caller may read; None means all (superusers)."""
+    if not principal.has_scope("read"):
+        raise PermissionDenied("Reading the audit log needs a token with the 'read' scope.")
+    if principal.user.is_superuser:
+        return None
+    names = [
+        m.namespace.name
+        for m in Membership.objects.filter(user=principal.user).select_related("namespace")
+        if principal_allows(principal, m.role, Action.AUDIT)
+    ]
+    if not names:
+        raise PermissionDenied("Only auditors and admins can read the audit log.")
+    return names

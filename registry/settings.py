@@ -94,6 +94,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "registry.middleware.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -123,6 +124,10 @@ DATABASES = {
         conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Embedded mode: BEGIN IMMEDIATE serialises writers, as the audit log's advisory lock
+    # does on PostgreSQL, and avoids "database is locked" upgrade deadlocks.
+    DATABASES["default"].setdefault("OPTIONS", {})["transaction_mode"] = "IMMEDIATE"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -161,6 +166,14 @@ S3_ACCESS_KEY_ID = env("S3_ACCESS_KEY_ID")
 S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY")
 S3_PART_SIZE = env_int("S3_PART_SIZE", 16 << 20)
 S3_MAX_CONCURRENCY = env_int("S3_MAX_CONCURRENCY", 4)
+
+# Audit checkpoints are signed with an Ed25519 key kept in a file, never in the database.
+SMR_AUDIT_SIGNING_KEY_FILE = Path(
+    env("SMR_AUDIT_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "audit-ed25519.pem"))
+)
+SMR_AUDIT_CHECKPOINT_INTERVAL = env_int("SMR_AUDIT_CHECKPOINT_INTERVAL", 300)
+# Take the client address from X-Forwarded-For (only behind a trusted reverse proxy).
+SMR_TRUST_X_FORWARDED_FOR = env_bool("SMR_TRUST_X_FORWARDED_FOR", False)
 
 # Key-encryption keys: "local" (keyring file) or "aws-kms".
 SMR_KEY_PROVIDER = env("SMR_KEY_PROVIDER", "local")

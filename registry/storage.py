@@ -214,6 +214,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def ping(self) -> None: ...
 
+    @abstractmethod
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys of committed objects starting with `prefix`, in lexical order."""
+
 
 # --- file system -----------------------------------------------------------------------------
 
@@ -364,6 +368,21 @@ class FileSystemStore(ObjectStore):
 
     def writer(self, key: str, size_hint: int | None = None) -> _FileWriter:
         return _FileWriter(key, self._path(key), self._tmp_path(key))
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        keys = []
+        try:
+            for folder, dirs, files in os.walk(self.root):
+                rel = Path(folder).relative_to(self.root).as_posix()
+                if rel == ".":
+                    dirs[:] = [d for d in dirs if d != _INCOMPLETE_DIR]
+                for name in files:
+                    key = name if rel == "." else f"{rel}/{name}"
+                    if key.startswith(prefix):
+                        keys.append(key)
+        except OSError as exc:
+            raise _fs_error(exc, "list", prefix) from exc
+        return iter(sorted(keys))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> ChunkStream:
         _check_range(start, end)
@@ -769,6 +788,17 @@ class S3Store(ObjectStore):
 
     def writer(self, key: str, size_hint: int | None = None) -> _S3Writer:
         return _S3Writer(self, validate_key(key), size_hint)
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, "list_objects_v2", prefix) from exc
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> ChunkStream:
         validate_key(key)

@@ -87,11 +87,46 @@ def isolated_registry(settings, tmp_path):
     settings.SMR_OBJECTS_DIR = tmp_path / "objects"
     settings.SMR_KEY_PROVIDER = "local"
     settings.SMR_KEYRING_FILE = tmp_path / "keys" / "keyring.json"
+    settings.SMR_AUDIT_SIGNING_KEY_FILE = tmp_path / "keys" / "audit-ed25519.pem"
     storage.get_object_store.cache_clear()
     keyconfig.reset()
     yield
     storage.get_object_store.cache_clear()
     keyconfig.reset()
+
+
+@pytest.fixture(autouse=True)
+def _audit_tables_flushable(request):
+    """Let pytest-django empty the append-only audit tables after transactional tests.
+
+    Their triggers reject TRUNCATE, as they should for the application. The test database
+    user is a superuser, so for the teardown flush only it switches the session to replica
+    mode, in which ordinary triggers do not fire.
+    """
+    marker = request.node.get_closest_marker("django_db")
+    transactional = bool(
+        {"transactional_db", "live_server"} & set(request.fixturenames)
+        or (marker and marker.kwargs.get("transaction"))
+    )
+    if transactional:
+        request.getfixturevalue("_django_db_helper")
+    yield
+    if transactional:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SET session_replication_role = replica")
+
+
+@pytest.fixture(autouse=True)
+def _triggers_on_by_default(django_db_blocker):
+    with django_db_blocker.unblock():
+        from django.db import connection
+
+        if connection.vendor == "postgresql" and connection.connection is not None:
+            with connection.cursor() as cursor:
+                cursor.execute("SET session_replication_role = DEFAULT")
+    yield
 
 
 def use_s3(settings, endpoint: str, bucket: str) -> None:

@@ -22,7 +22,7 @@ $$ LANGUAGE plpgsql;
 def forwards(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(PG_FUNCTION)
+        schema_editor.execute(PG_FUNCTION, params=None)  # no placeholders: keep % literal
         for table in TABLES:
             schema_editor.execute(
                 f"CREATE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table} "

@@ -28,13 +28,22 @@ from registry.errors import (
     IncompleteBody,
     IntegrityFailure,
     KeyServiceUnavailable,
+    NotFound,
     StorageUnavailable,
     TooLarge,
     VersionNotDraft,
 )
 from registry.keyconfig import get_key_provider, provider_for
-from registry.models import Artifact, ModelVersion, PendingObject, VersionState
+from registry.models import (
+    Artifact,
+    AuditAction,
+    AuditOutcome,
+    ModelVersion,
+    PendingObject,
+    VersionState,
+)
 from registry.paths import validate_artifact_path
+from registry.services import audit
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +69,11 @@ def encryption_context(version: ModelVersion, path: str, artifact_id: uuid.UUID)
         "smr:path": path,
         "smr:artifact": str(artifact_id),
     }
+
+
+def file_target(version: ModelVersion, path: str) -> str:
+    """How the audit log names a file: namespace/model/vN/path."""
+    return f"{version.model.namespace.name}/{version.model.name}/v{version.number}/{path}"
 
 
 def artifact_context(artifact: Artifact) -> dict[str, str]:
@@ -234,7 +248,9 @@ def _register(
 ) -> tuple[Artifact, str | None]:
     with transaction.atomic():
         # The row lock orders us against version_submit: a file lands before submit or not at all.
-        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        locked = ModelVersion.objects.select_for_update().filter(pk=version.pk).first()
+        if locked is None:
+            raise NotFound("The version was deleted while the file was uploading.")
         ensure_draft(locked)
         old = Artifact.objects.filter(version=locked, path=path).first()
         replaced = None
@@ -256,6 +272,19 @@ def _register(
         PendingObject.objects.filter(object_key=key).delete()
         if on_register is not None:
             on_register(artifact)
+        audit.audit_record(
+            action=AuditAction.ARTIFACT_UPLOAD,
+            namespace=version.model.namespace.name,
+            target=file_target(version, path),
+            target_sha256=written.sha256,
+            details={
+                "path": path,
+                "size": written.size,
+                "replaced": replaced is not None,
+                "key_op": "wrap",
+                "kek_id": wrapped.kek_id,
+            },
+        )
     artifact.version = version
     return artifact, replaced
 
@@ -269,6 +298,12 @@ def artifact_delete(*, artifact: Artifact) -> None:
             object_key=artifact.object_key, defaults={"reason": "delete"}
         )
         Artifact.objects.filter(pk=artifact.pk).delete()
+        audit.audit_record(
+            action=AuditAction.ARTIFACT_DELETE,
+            namespace=artifact.version.model.namespace.name,
+            target=file_target(artifact.version, artifact.path),
+            target_sha256=artifact.sha256,
+        )
     pending_discard(storage.get_object_store(), artifact.object_key)
 
 
@@ -278,14 +313,43 @@ def artifact_unwrap_dek(artifact: Artifact) -> bytes:
     return key_call(provider.unwrap, wrapped, artifact_context(artifact))
 
 
-def artifact_open(*, artifact: Artifact, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+def artifact_open(
+    *, artifact: Artifact, start: int = 0, end: int | None = None, ranged: bool = False
+) -> Iterator[bytes]:
     """Authenticated plaintext of bytes [start, end) of an artifact, streamed segment by segment.
 
-    Nothing from a segment that fails authentication is ever yielded: the iterator raises
-    IntegrityFailure instead (details are logged, the client gets a generic code).
+    The download is audited (who, with which token, which digest and range) before any byte
+    leaves. Nothing from a segment that fails authentication is ever yielded: the iterator
+    raises IntegrityFailure instead, and the failure is audited with its details.
     """
     end = artifact.size if end is None else end
-    dek = artifact_unwrap_dek(artifact)
+    namespace = artifact.version.model.namespace.name
+    target = file_target(artifact.version, artifact.path)
+    try:
+        dek = artifact_unwrap_dek(artifact)
+    except IntegrityFailure:
+        audit.audit_record_now(
+            action=AuditAction.ARTIFACT_INTEGRITY_FAILURE,
+            outcome=AuditOutcome.FAILURE,
+            namespace=namespace,
+            target=target,
+            target_sha256=artifact.sha256,
+            details={"reason": "the data key could not be unwrapped", "kek_id": artifact.kek_id},
+        )
+        raise
+    with transaction.atomic():
+        audit.audit_record(
+            action=AuditAction.ARTIFACT_DOWNLOAD,
+            namespace=namespace,
+            target=target,
+            target_sha256=artifact.sha256,
+            details={
+                "range": [start, end - 1] if ranged else None,
+                "bytes": end - start,
+                "key_op": "unwrap",
+                "kek_id": artifact.kek_id,
+            },
+        )
     store = storage.get_object_store()
     ad = associated_data(artifact.id)
     key = artifact.object_key
@@ -296,19 +360,38 @@ def artifact_open(*, artifact: Artifact, start: int = 0, end: int | None = None)
         inner = stream.decrypt_range(
             dek, ad, artifact.size, start, end, lambda a, b: store.read(key, a, b)
         )
-    return _guard(inner, artifact)
+    return _guard(inner, artifact, audit.context_snapshot(), namespace, target)
 
 
-def _guard(inner: Iterator[bytes], artifact: Artifact) -> Iterator[bytes]:
+def _guard(
+    inner: Iterator[bytes],
+    artifact: Artifact,
+    ctx: audit.AuditContext,
+    namespace: str,
+    target: str,
+) -> Iterator[bytes]:
+    def failed(reason: str) -> None:
+        audit.audit_record_now(
+            ctx=ctx,
+            action=AuditAction.ARTIFACT_INTEGRITY_FAILURE,
+            outcome=AuditOutcome.FAILURE,
+            namespace=namespace,
+            target=target,
+            target_sha256=artifact.sha256,
+            details={"reason": reason, "object_key": artifact.object_key},
+        )
+
     try:
         yield from inner
     except stream.StreamIntegrityError as exc:
         logger.error(
             "integrity failure reading artifact %s (%s): %s", artifact.id, artifact.sha256, exc
         )
+        failed(str(exc))
         raise IntegrityFailure() from exc
     except storage.ObjectNotFound as exc:
         logger.error("object of artifact %s is missing from the store", artifact.id)
+        failed("the stored object is missing")
         raise IntegrityFailure() from exc
     except storage.StorageUnavailable as exc:
         raise StorageUnavailable() from exc
@@ -330,9 +413,18 @@ def artifact_rewrap(*, artifact: Artifact, target: keys.KeyProvider) -> bool:
         new = key_call(source.rewrap, old, context, to_kek_id=to_kek)
     else:
         new = key_call(keys.rewrap_between, old, context, source, target)
-    updated = Artifact.objects.filter(pk=artifact.pk, kek_id=artifact.kek_id).update(
-        wrapped_dek=new.blob, kek_id=new.kek_id
-    )
+    with transaction.atomic():
+        updated = Artifact.objects.filter(pk=artifact.pk, kek_id=artifact.kek_id).update(
+            wrapped_dek=new.blob, kek_id=new.kek_id
+        )
+        if updated:
+            audit.audit_record(
+                action=AuditAction.KEY_REWRAP,
+                namespace=artifact.version.model.namespace.name,
+                target=file_target(artifact.version, artifact.path),
+                target_sha256=artifact.sha256,
+                details={"from_kek_id": artifact.kek_id, "to_kek_id": new.kek_id},
+            )
     return updated == 1
 
 

@@ -12,6 +12,7 @@ from django.utils import timezone
 from registry.errors import AlreadyExists, Conflict, InvalidInput, NotFound, VersionNotDraft
 from registry.models import (
     Artifact,
+    AuditAction,
     Membership,
     ModelVersion,
     Namespace,
@@ -21,6 +22,7 @@ from registry.models import (
     UploadPart,
     VersionState,
 )
+from registry.services.audit import audit_record
 
 
 def _validate(obj, *, exclude: list[str] | None = None) -> None:
@@ -38,6 +40,7 @@ def namespace_create(*, name: str, description: str = "", creator: AbstractBaseU
         with transaction.atomic():
             namespace.save()
             Membership.objects.create(namespace=namespace, user=creator, role=Role.ADMIN)
+            audit_record(action=AuditAction.NAMESPACE_CREATE, namespace=name, target=name)
     except IntegrityError as exc:
         raise AlreadyExists(f"Namespace {name!r} already exists.") from exc
     return namespace
@@ -45,8 +48,15 @@ def namespace_create(*, name: str, description: str = "", creator: AbstractBaseU
 
 def namespace_update(*, namespace: Namespace, description: str | None = None) -> Namespace:
     if description is not None:
-        namespace.description = description
-        namespace.save(update_fields=["description"])
+        with transaction.atomic():
+            namespace.description = description
+            namespace.save(update_fields=["description"])
+            audit_record(
+                action=AuditAction.NAMESPACE_UPDATE,
+                namespace=namespace.name,
+                target=namespace.name,
+                details={"fields": ["description"]},
+            )
     return namespace
 
 
@@ -62,10 +72,17 @@ def member_set(*, namespace: Namespace, username: str, role: str) -> Membership:
         membership, _created = Membership.objects.select_for_update().get_or_create(
             namespace=namespace, user=user, defaults={"role": role}
         )
+        previous = None if _created else membership.role
         if membership.role != role:
             _ensure_admin_remains(namespace, membership, new_role=role)
             membership.role = role
             membership.save(update_fields=["role"])
+        audit_record(
+            action=AuditAction.MEMBER_SET,
+            namespace=namespace.name,
+            target=f"{namespace.name}/members/{username}",
+            details={"role": role, "previous_role": previous},
+        )
     return membership
 
 
@@ -82,6 +99,12 @@ def member_remove(*, namespace: Namespace, username: str) -> None:
         if membership is None:
             raise NotFound(f"{username!r} is not a member of {namespace.name!r}.")
         _ensure_admin_remains(namespace, membership, new_role=None)
+        audit_record(
+            action=AuditAction.MEMBER_REMOVE,
+            namespace=namespace.name,
+            target=f"{namespace.name}/members/{username}",
+            details={"previous_role": membership.role},
+        )
         membership.delete()
 
 
@@ -112,6 +135,11 @@ def model_create(
     try:
         with transaction.atomic():
             model.save()
+            audit_record(
+                action=AuditAction.MODEL_CREATE,
+                namespace=namespace.name,
+                target=f"{namespace.name}/{name}",
+            )
     except IntegrityError as exc:
         raise AlreadyExists(f"Model {namespace.name}/{name} already exists.") from exc
     return model
@@ -119,8 +147,15 @@ def model_create(
 
 def model_update(*, model: RegisteredModel, description: str | None = None) -> RegisteredModel:
     if description is not None:
-        model.description = description
-        model.save(update_fields=["description", "updated_at"])
+        with transaction.atomic():
+            model.description = description
+            model.save(update_fields=["description", "updated_at"])
+            audit_record(
+                action=AuditAction.MODEL_UPDATE,
+                namespace=model.namespace.name,
+                target=f"{model.namespace.name}/{model.name}",
+                details={"fields": ["description"]},
+            )
     return model
 
 
@@ -131,6 +166,9 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
     bytes are removed after commit (by the caller) or later by the janitor, never orphaned.
     """
     with transaction.atomic():
+        # Lock the versions first: an upload registering a file waits on its version row, so it
+        # either lands before this delete (and its object is queued below) or finds no version.
+        list(ModelVersion.objects.select_for_update().filter(model=model).values_list("pk"))
         keys = list(
             Artifact.objects.filter(version__model=model).values_list("object_key", flat=True)
         )
@@ -144,6 +182,12 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
         )
         Artifact.objects.filter(version__model=model).delete()
         ModelVersion.objects.filter(model=model).delete()
+        audit_record(
+            action=AuditAction.MODEL_DELETE,
+            namespace=model.namespace.name,
+            target=f"{model.namespace.name}/{model.name}",
+            details={"objects_deleted": len(keys)},
+        )
         model.delete()
     return keys
 
@@ -156,9 +200,15 @@ def version_create(
         # Locking the model row serialises concurrent creators: numbers are 1, 2, 3, ... no gaps.
         RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
         last = ModelVersion.objects.filter(model=model).aggregate(n=Max("number"))["n"] or 0
-        return ModelVersion.objects.create(
+        version = ModelVersion.objects.create(
             model=model, number=last + 1, description=description, created_by=creator
         )
+        audit_record(
+            action=AuditAction.VERSION_CREATE,
+            namespace=model.namespace.name,
+            target=f"{model.namespace.name}/{model.name}/v{version.number}",
+        )
+        return version
 
 
 def version_submit(*, version: ModelVersion) -> ModelVersion:
@@ -178,4 +228,14 @@ def version_submit(*, version: ModelVersion) -> ModelVersion:
         locked.state = VersionState.PENDING_REVIEW
         locked.submitted_at = timezone.now()
         locked.save(update_fields=["state", "submitted_at"])
+        audit_record(
+            action=AuditAction.VERSION_SUBMIT,
+            namespace=version.model.namespace.name,
+            target=version_target(version),
+            details={"state": locked.state},
+        )
     return locked
+
+
+def version_target(version: ModelVersion) -> str:
+    return f"{version.model.namespace.name}/{version.model.name}/v{version.number}"

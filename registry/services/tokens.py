@@ -13,7 +13,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from registry.errors import InvalidInput, NotFound
-from registry.models import ApiToken, TokenScope
+from registry.models import ApiToken, AuditAction, AuditOutcome, TokenScope
+from registry.services.audit import audit_record, audit_record_now
 
 TOKEN_PREFIX = "smr_"  # noqa: S105 - a public prefix, not a secret
 KEY_ID_CHARS = frozenset("0123456789abcdef")
@@ -48,14 +49,24 @@ def token_create(
         raise InvalidInput("expires_at must be in the future")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    token = ApiToken.objects.create(
-        user=user,
-        name=name,
-        key_id=key_id,
-        secret_hash=_hash(secret),
-        scopes=sorted(set(scopes)),
-        expires_at=expires_at,
-    )
+    with transaction.atomic():
+        token = ApiToken.objects.create(
+            user=user,
+            name=name,
+            key_id=key_id,
+            secret_hash=_hash(secret),
+            scopes=sorted(set(scopes)),
+            expires_at=expires_at,
+        )
+        audit_record(
+            action=AuditAction.TOKEN_CREATE,
+            target=f"token:{key_id}",
+            details={
+                "owner": user.get_username(),
+                "scopes": token.scopes,
+                "expires_at": expires_at.isoformat() if expires_at else None,
+            },
+        )
     return IssuedToken(token=token, plaintext=f"{TOKEN_PREFIX}{key_id}_{secret}")
 
 
@@ -64,27 +75,42 @@ def default_expiry(days: int) -> datetime | None:
 
 
 def token_authenticate(raw: str) -> ApiToken | None:
-    """Return the live token matching `raw`, or None. Constant-time on the secret."""
+    """Return the live token matching `raw`, or None (audited). Constant-time on the secret."""
+    token, reason = _token_check(raw)
+    if token is None:
+        key_id = raw[len(TOKEN_PREFIX) :].partition("_")[0] if raw.startswith(TOKEN_PREFIX) else ""
+        audit_record_now(
+            action=AuditAction.AUTH_FAILED,
+            outcome=AuditOutcome.FAILURE,
+            target=f"token:{key_id[:16]}" if key_id and set(key_id) <= KEY_ID_CHARS else "",
+            details={"method": "bearer", "reason": reason},
+        )
+    return token
+
+
+def _token_check(raw: str) -> tuple[ApiToken | None, str]:
     if not raw.startswith(TOKEN_PREFIX):
-        return None
+        return None, "malformed"
     key_id, sep, secret = raw[len(TOKEN_PREFIX) :].partition("_")
     if not sep or not key_id or not secret or len(key_id) > 16 or not set(key_id) <= KEY_ID_CHARS:
-        return None
+        return None, "malformed"
     token = ApiToken.objects.select_related("user").filter(key_id=key_id).first()
     # Hash even when the key id is unknown so timing does not reveal which ids exist.
     candidate = _hash(secret)
     expected = token.secret_hash if token else _hash(secrets.token_urlsafe(32))
     if not hmac.compare_digest(candidate, expected) or token is None:
-        return None
+        return None, "unknown_or_bad_secret"
     now = timezone.now()
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
-        return None
+    if token.revoked_at is not None:
+        return None, "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return None, "expired"
     if not token.user.is_active:
-        return None
+        return None, "inactive_user"
     # Cheap enough per request, and useful to find stale tokens; skip if updated recently.
     if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-    return token
+    return token, ""
 
 
 def token_revoke(*, user: AbstractBaseUser, key_id: str) -> ApiToken:
@@ -97,4 +123,9 @@ def token_revoke(*, user: AbstractBaseUser, key_id: str) -> ApiToken:
         if token.revoked_at is None:
             token.revoked_at = timezone.now()
             token.save(update_fields=["revoked_at"])
+            audit_record(
+                action=AuditAction.TOKEN_REVOKE,
+                target=f"token:{key_id}",
+                details={"owner": user.get_username()},
+            )
     return token

@@ -30,6 +30,7 @@ from registry.errors import (
 from registry.keyconfig import get_key_provider, provider_for
 from registry.models import (
     Artifact,
+    AuditAction,
     ModelVersion,
     PendingObject,
     UploadPart,
@@ -41,12 +42,14 @@ from registry.services.artifacts import (
     artifact_store_stream,
     check_size,
     ensure_draft,
+    file_target,
     key_call,
     pending_begin,
     pending_discard,
     read_body,
     write_encrypted,
 )
+from registry.services.audit import audit_record
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_PART_SIZE = 1 << 20
@@ -105,18 +108,32 @@ def upload_session_create(
     _dek, wrapped = key_call(
         get_key_provider().generate_data_key, _session_context(session_id, version)
     )
-    return UploadSession.objects.create(
-        id=session_id,
-        version=version,
-        path=path,
-        size=size,
-        sha256=sha256 or "",
-        part_size=part_size,
-        wrapped_dek=wrapped.blob,
-        kek_id=wrapped.kek_id,
-        created_by=creator,
-        expires_at=timezone.now() + timedelta(seconds=settings.SMR_UPLOAD_SESSION_TTL),
-    )
+    with transaction.atomic():
+        session = UploadSession.objects.create(
+            id=session_id,
+            version=version,
+            path=path,
+            size=size,
+            sha256=sha256 or "",
+            part_size=part_size,
+            wrapped_dek=wrapped.blob,
+            kek_id=wrapped.kek_id,
+            created_by=creator,
+            expires_at=timezone.now() + timedelta(seconds=settings.SMR_UPLOAD_SESSION_TTL),
+        )
+        audit_record(
+            action=AuditAction.UPLOAD_CREATE,
+            namespace=version.model.namespace.name,
+            target=file_target(version, path),
+            details={
+                "upload": str(session_id),
+                "size": size,
+                "part_size": part_size,
+                "key_op": "wrap",
+                "kek_id": wrapped.kek_id,
+            },
+        )
+    return session
 
 
 def _ensure_open(session: UploadSession) -> None:
@@ -183,6 +200,18 @@ def upload_part_put(*, session: UploadSession, number: int, body, length: int) -
                 object_key=key,
             )
             PendingObject.objects.filter(object_key=key).delete()
+            audit_record(
+                action=AuditAction.UPLOAD_PART,
+                namespace=session.version.model.namespace.name,
+                target=file_target(session.version, session.path),
+                details={
+                    "upload": str(session.id),
+                    "part": number,
+                    "size": written.size,
+                    "sha256": written.sha256,
+                    "replaced": replaced is not None,
+                },
+            )
     except BaseException:
         pending_discard(store, key)
         raise
@@ -221,6 +250,13 @@ def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser
         )
         if not won:
             raise Conflict("The upload session was completed or aborted meanwhile.")
+        audit_record(
+            action=AuditAction.UPLOAD_COMPLETE,
+            namespace=session.version.model.namespace.name,
+            target=file_target(session.version, session.path),
+            target_sha256=artifact.sha256,
+            details={"upload": str(session.id), "parts": len(parts)},
+        )
 
     artifact = artifact_store_stream(
         version=session.version,
@@ -236,11 +272,19 @@ def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser
 
 
 def upload_session_abort(*, session: UploadSession) -> UploadSession:
-    updated = UploadSession.objects.filter(pk=session.pk, state=UploadState.OPEN).update(
-        state=UploadState.ABORTED
-    )
-    if not updated:
-        raise Conflict(f"The upload session is {session.state}.", state=session.state)
+    with transaction.atomic():
+        updated = UploadSession.objects.filter(pk=session.pk, state=UploadState.OPEN).update(
+            state=UploadState.ABORTED
+        )
+        if not updated:
+            raise Conflict(f"The upload session is {session.state}.", state=session.state)
+        version = ModelVersion.objects.select_related("model__namespace").get(pk=session.version_id)
+        audit_record(
+            action=AuditAction.UPLOAD_ABORT,
+            namespace=version.model.namespace.name,
+            target=file_target(version, session.path),
+            details={"upload": str(session.id)},
+        )
     session.state = UploadState.ABORTED
     _discard_parts(session)
     return session

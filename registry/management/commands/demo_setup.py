@@ -13,7 +13,9 @@ from registry.services import tokens
 
 
 class Command(BaseCommand):
-    help = "Embedded mode: ensure a demo admin, a 'demo' namespace and a token (kept in var/, 0600)."
+    help = (
+        "Embedded mode: ensure a demo admin, a 'demo' namespace and a token (kept in var/, 0600)."
+    )
 
     def handle(self, *args, **opts):
         token_file = settings.VAR_DIR / "demo-token"
@@ -25,7 +27,9 @@ class Command(BaseCommand):
                 password = secrets.token_urlsafe(12)
                 user = User.objects.create_superuser("admin", password=password)
             ns, _ = Namespace.objects.get_or_create(name="demo", defaults={"created_by": user})
-            Membership.objects.update_or_create(namespace=ns, user=user, defaults={"role": Role.ADMIN})
+            Membership.objects.update_or_create(
+                namespace=ns, user=user, defaults={"role": Role.ADMIN}
+            )
         raw = token_file.read_text().strip() if token_file.exists() else ""
         if not raw or tokens.token_authenticate(raw) is None:
             raw = tokens.token_create(

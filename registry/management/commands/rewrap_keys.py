@@ -18,10 +18,14 @@ class Command(BaseCommand):
         target.add_argument(
             "--new-local-key",
             action="store_true",
-            help="generate a new KEK version in the local keyring, make it primary, move all keys to it",
+            help="add a KEK version to the local keyring, make it primary, move every key to it",
         )
-        target.add_argument("--to-local", action="store_true", help="move to the local keyring's primary KEK")
-        target.add_argument("--to-kms-key", metavar="KEY_ID", help="move to this AWS KMS key (id, ARN or alias)")
+        target.add_argument(
+            "--to-local", action="store_true", help="move to the local keyring's primary KEK"
+        )
+        target.add_argument(
+            "--to-kms-key", metavar="KEY_ID", help="move to this AWS KMS key (id, ARN or alias)"
+        )
 
     def handle(self, *args, **opts):
         target: KeyProvider

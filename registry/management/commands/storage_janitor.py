@@ -21,4 +21,6 @@ class Command(BaseCommand):
     def handle(self, *args, older_than: int, **opts):
         expired = uploads_expire()
         cleaned, left = objects_cleanup(older_than=timedelta(seconds=older_than))
-        self.stdout.write(f"expired uploads: {expired}; objects cleaned: {cleaned}; still pending: {left}")
+        self.stdout.write(
+            f"expired uploads: {expired}; objects cleaned: {cleaned}; still pending: {left}"
+        )

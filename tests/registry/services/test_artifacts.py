@@ -27,6 +27,7 @@ from registry.services.artifacts import artifact_store_stream, artifact_unwrap_d
 from tests.conftest import FILES, REGION, s3_client, use_kms, use_s3
 from tests.support.netproxy import TcpProxy
 from tests.support.objects import pattern, pattern_bytes, read_object, write_object
+from tests.support.tinkutil import tink_decrypt, tink_encrypt, tink_streaming_aead
 
 OCTET = "application/octet-stream"
 THREE_SEGMENTS = FIRST_SEGMENT_PLAINTEXT + SEGMENT_PLAINTEXT + 1000
@@ -88,41 +89,20 @@ def test_no_plaintext_or_data_key_at_rest(actors, draft, store_kind, settings):
 # --- Interop with Tink, at the artifact level -------------------------------------------------
 
 
-def tink_streaming_primitive(dek: bytes):
-    from tests.registry.crypto.test_stream import tink_streaming_aead
-
-    return tink_streaming_aead(dek)
-
-
 def test_stored_object_decrypts_with_tink(actors, draft, store_kind):
-    import io
-
     data = pattern_bytes(THREE_SEGMENTS, seed=11)
     artifact = upload(actors, "m.bin", data)
-    ciphertext = read_object(artifact.object_key)
-    primitive = tink_streaming_primitive(artifact_unwrap_dek(artifact))
+    primitive = tink_streaming_aead(artifact_unwrap_dek(artifact))
     ad = f"smr:artifact:v1:{artifact.id}".encode()
-    with primitive.new_decrypting_stream(io.BytesIO(ciphertext), ad) as dec:
-        assert dec.read() == data
+    assert tink_decrypt(primitive, read_object(artifact.object_key), ad) == data
 
 
 def test_tink_written_object_is_served_by_registry(actors, draft):
-    import io
-
     data = pattern_bytes(SEGMENT_SIZE * 2 + 5, seed=12)
     artifact = upload(actors, "m.bin", b"placeholder of another size")
-    dek = artifact_unwrap_dek(artifact)
+    primitive = tink_streaming_aead(artifact_unwrap_dek(artifact))
     ad = f"smr:artifact:v1:{artifact.id}".encode()
-    sink = io.BytesIO()
-
-    class Keep(io.BytesIO):
-        def close(self) -> None:
-            sink.write(self.getvalue())
-            super().close()
-
-    with tink_streaming_primitive(dek).new_encrypting_stream(Keep(), ad) as enc:
-        enc.write(data)
-    write_object(artifact.object_key, sink.getvalue())
+    write_object(artifact.object_key, tink_encrypt(primitive, data, ad))
     Artifact.objects.filter(pk=artifact.pk).update(
         size=len(data), sha256=hashlib.sha256(data).hexdigest()
     )

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand
+
+from registry.services import audit
+
+
+class Command(BaseCommand):
+    help = "Sign a checkpoint of the audit log now (the worker also does this periodically)."
+
+    def handle(self, *args, **opts):
+        audit.context_set_system("manage.py audit_checkpoint")
+        checkpoint = audit.audit_checkpoint_create()
+        if checkpoint is None:
+            self.stdout.write("no new audit events since the last checkpoint")
+            return
+        self.stdout.write(
+            f"checkpoint size={checkpoint.size} head={checkpoint.head_hash} "
+            f"merkle_root={checkpoint.merkle_root} key={checkpoint.key_id}"
+        )
