@@ -32,7 +32,7 @@ migrate: install
 run: migrate
 	@$(BIN)/python manage.py demo_setup
 	@echo "Serving on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/api/docs/)"
-	exec $(BIN)/gunicorn registry.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
+	HOST=$(HOST) PORT=$(PORT) exec deploy/run-embedded.sh
 
 services:
 	@bash .ci/services.sh

@@ -191,6 +191,29 @@ if SMR_KEY_PROVIDER not in {"local", "aws-kms"}:
 if SMR_KEY_PROVIDER == "aws-kms" and not KMS_KEY_ID:
     raise ImproperlyConfigured("SMR_KEY_PROVIDER=aws-kms needs KMS_KEY_ID (a key id, ARN or alias)")
 
+# --- Celery ---------------------------------------------------------------------------------
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://")
+if CELERY_BROKER_URL == "filesystem://":
+    # Embedded mode: a real worker with no broker server (kombu's filesystem transport).
+    _queue = VAR_DIR / "celery" / "queue"
+    _queue.mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_queue),
+        "data_folder_out": str(_queue),
+        "store_processed": False,
+    }
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULE = {
+    "audit-checkpoint": {
+        "task": "workers.tasks.audit_checkpoint",
+        "schedule": SMR_AUDIT_CHECKPOINT_INTERVAL,
+    },
+    "storage-janitor": {"task": "workers.tasks.storage_janitor", "schedule": 3600},
+}
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "api.authentication.BearerTokenAuthentication",

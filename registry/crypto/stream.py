@@ -2,7 +2,7 @@
 
 Artifacts are far larger than memory, so they cannot be sealed with one AES-GCM call. Instead
 the plaintext is cut into segments that are sealed independently under the online-AE scheme
-STREAM (Hoang, Reyhanitabar, Rogaway, Vizar, "Online Authenticated-Encryption and its
+STREAM (Hoang, Reyhanitabar, Rogaway, Vizár, "Online Authenticated-Encryption and its
 Nonce-Reuse Misuse-Resistance", CRYPTO 2015): each segment's nonce binds its position in the
 stream and whether it is the last one, so segments cannot be reordered, dropped, duplicated or
 truncated away without a tag failing, and a reader can release each segment's plaintext as soon
@@ -164,7 +164,7 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
 
 def _open_header(dek: bytes, associated_data: bytes, header: bytes) -> tuple[AESGCM, bytes]:
     if len(header) != HEADER_SIZE:
-        raise StreamIntegrityError(f"header: truncated ({len(header)} of {HEADER_SIZE} bytes)")
+        raise StreamIntegrityError(f"header: got {len(header)} bytes, expected {HEADER_SIZE}")
     if header[0] != HEADER_SIZE:
         raise StreamIntegrityError(
             f"header: length byte is {header[0]}, expected {HEADER_SIZE} "
