@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import random
 import threading
 import time
@@ -15,8 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import pytest
 import tink
-from tink import secret_key_access, streaming_aead
-from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
+from tink import streaming_aead
 
 from registry.crypto import stream
 from registry.crypto.stream import (
@@ -34,6 +32,9 @@ from registry.crypto.stream import (
     encrypt_iter,
     segment_count,
 )
+from tests.support.tinkutil import tink_decrypt as _tink_decrypt
+from tests.support.tinkutil import tink_encrypt as _tink_encrypt
+from tests.support.tinkutil import tink_streaming_aead
 
 MiB = 1 << 20
 FIRST = FIRST_SEGMENT_PLAINTEXT
@@ -239,58 +240,17 @@ def test_abandoned_encryptor_releases_its_hash_thread():
 # Tink interoperability
 
 
-class _Captured(io.BytesIO):
-    """Tink closes its destination when the encrypting stream closes; keep the bytes."""
-
-    value = b""
-
-    def close(self) -> None:
-        self.value = self.getvalue()
-        super().close()
-
-
 @pytest.fixture(scope="module")
 def tink_aead() -> streaming_aead.StreamingAead:
-    streaming_aead.register()
-    key = aes_gcm_hkdf_streaming_pb2.AesGcmHkdfStreamingKey(
-        version=0,
-        key_value=DEK,
-        params=aes_gcm_hkdf_streaming_pb2.AesGcmHkdfStreamingParams(
-            ciphertext_segment_size=SEGMENT_SIZE,
-            derived_key_size=32,
-            hkdf_hash_type=common_pb2.SHA256,
-        ),
-    )
-    keyset = tink_pb2.Keyset(
-        primary_key_id=1,
-        key=[
-            tink_pb2.Keyset.Key(
-                key_data=tink_pb2.KeyData(
-                    type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
-                    value=key.SerializeToString(),
-                    key_material_type=tink_pb2.KeyData.SYMMETRIC,
-                ),
-                status=tink_pb2.ENABLED,
-                key_id=1,
-                # Streaming AEAD has no per-ciphertext key prefix; Tink requires RAW.
-                output_prefix_type=tink_pb2.RAW,
-            )
-        ],
-    )
-    handle = tink.proto_keyset_format.parse(keyset.SerializeToString(), secret_key_access.TOKEN)
-    return handle.primitive(streaming_aead.StreamingAead)
+    return tink_streaming_aead(DEK)
 
 
 def tink_encrypt(primitive: streaming_aead.StreamingAead, data: bytes, ad: bytes = AD) -> bytes:
-    sink = _Captured()
-    with primitive.new_encrypting_stream(sink, ad) as enc:
-        enc.write(data)
-    return sink.value
+    return _tink_encrypt(primitive, data, ad)
 
 
 def tink_decrypt(primitive: streaming_aead.StreamingAead, ct: bytes, ad: bytes = AD) -> bytes:
-    with primitive.new_decrypting_stream(io.BytesIO(ct), ad) as dec:
-        return dec.read()
+    return _tink_decrypt(primitive, ct, ad)
 
 
 INTEROP_SIZES = [*BOUNDARY_SIZES, 3 * MiB + 777]
