@@ -92,7 +92,10 @@ def filtered_events(request: Request) -> QuerySet[AuditEvent]:
         qs = qs.filter(target__startswith=params["target"].replace("\x00", ""))
     for param, lookup in (("since", "created_at__gte"), ("until", "created_at__lt")):
         if params.get(param):
-            moment = parse_datetime(params[param])
+            try:
+                moment = parse_datetime(params[param])
+            except ValueError:  # well formed but no such time, e.g. February 30th
+                moment = None
             if moment is None or moment.tzinfo is None:
                 raise InvalidInput(f"{param} must be an ISO 8601 time with a timezone")
             qs = qs.filter(**{lookup: moment})

@@ -231,5 +231,12 @@ class TokenListView(ListView):
 class TokenDetailView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request: Request, token_id: str) -> Response:
+        principal = principal_of(request)
+        # Any token may revoke itself (a leaked token can always be killed with itself), but
+        # revoking the owner's other tokens needs the admin scope: otherwise a leaked read-only
+        # token could lock its owner out of every script.
+        own = principal.token is not None and principal.token.key_id == token_id
+        if not own and not principal.has_scope("admin"):
+            raise PermissionDenied("Revoking another token needs a token with the 'admin' scope.")
         tokens.token_revoke(user=request.user, key_id=token_id)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -134,12 +134,16 @@ class PatternBody:
     def __init__(self, pattern: Pattern, size: int) -> None:
         self._pattern = pattern
         self._size = size
+        # perf_counter() when the last byte went into the socket: what follows until the
+        # response is the server finishing up (fsync, multipart complete, DB commit).
+        self.sent_at: float | None = None
 
     def __len__(self) -> int:
         return self._size
 
     def __iter__(self) -> Iterator[memoryview]:
-        return self._pattern.chunks(self._size)
+        yield from self._pattern.chunks(self._size)
+        self.sent_at = time.perf_counter()
 
 
 class PatternReader:
@@ -252,12 +256,14 @@ def run_checked(argv: list[str], *, env: dict[str, str], timeout: float = 300) -
 # --- database --------------------------------------------------------------------------------
 
 _pg_ready: dict[str, bool] = {}
+_pg_failed: list[str] = []
 
 
 def bench_database_url() -> str | None:
-    """PostgreSQL database smr_bench next to $DATABASE_URL's, or None to use SQLite."""
+    """PostgreSQL database smr_bench next to $DATABASE_URL's, or None to use SQLite
+    (no PostgreSQL DATABASE_URL, or preparing smr_bench failed earlier in this run)."""
     url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
+    if _pg_failed or not url.startswith(("postgres://", "postgresql://")):
         return None
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path="/" + BENCH_DB_NAME))
@@ -329,20 +335,34 @@ class Registry:
             }
         )
         pg = bench_database_url()
-        env["DATABASE_URL"] = pg or f"sqlite:///{self.tmp / 'registry.sqlite3'}"
+        env["DATABASE_URL"] = pg or self.sqlite_url()
         self.db = "postgresql" if pg else "sqlite"
         if self.workers is not None:
             env["WEB_CONCURRENCY"] = str(self.workers)
         env.update(self.store_env)
         return env
 
+    def sqlite_url(self) -> str:
+        assert self.tmp is not None
+        return f"sqlite:///{self.tmp / 'registry.sqlite3'}"
+
     def _start(self) -> None:
         assert self.tmp is not None
         env = self._env()
         (self.tmp / "var").mkdir()
         if self.db == "postgresql":
-            ensure_pg_database(env["DATABASE_URL"], env)
-        else:
+            try:
+                ensure_pg_database(env["DATABASE_URL"], env)
+            except Exception as exc:
+                # The transfer figures barely touch the database: rather than lose the run,
+                # measure on SQLite and say so (every figure carries its "db").
+                reason = str(exc).strip().splitlines()[-1][:300]
+                _pg_failed.append(reason)
+                emit({"bench": "note", "db": "sqlite",
+                      "message": f"PostgreSQL smr_bench unusable, using SQLite: {reason}"})
+                env["DATABASE_URL"] = self.sqlite_url()
+                self.db = "sqlite"
+        if self.db == "sqlite":
             run_checked([PYTHON, "manage.py", "migrate", "--no-input", "-v", "0"], env=env)
         self.token = run_checked(
             [

@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=sorted(BENCHMARKS), help="run only NAME (repeatable)"
     )
     parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="rest_fs/rest_s3: measure N times (fresh servers), report medians",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit with status 2 if any target is missed"
     )
     parser.add_argument(
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": stamp,
             "size_mib": args.size_mib,
             "big_mib": args.big_mib,
+            "repeat": args.repeat,
             "cpus": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "machine": platform.machine(),

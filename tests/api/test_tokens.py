@@ -257,3 +257,27 @@ def test_unknown_scope_is_named_in_extra_fields(actors):
         "invalid_input",
     )
     assert "scopes" in body["extra"]["fields"]
+
+
+def test_read_token_can_revoke_itself_but_not_its_siblings(actors):
+    alice = actors.users["alice"]
+    reader = token_create(user=alice, scopes=["read"]).plaintext
+    sibling = token_create(user=alice, scopes=["read", "write"])
+    client = bearer(reader)
+    r = client.delete(f"/api/v1/tokens/{sibling.token.key_id}")
+    error(r, 403, "permission_denied")
+    assert bearer(sibling.plaintext).get("/api/v1/namespaces").status_code == 200
+    # Control: with the admin scope the same revocation works.
+    assert (
+        actors.client("alice").delete(f"/api/v1/tokens/{sibling.token.key_id}").status_code == 204
+    )
+    auth_failed(bearer(sibling.plaintext).get("/api/v1/namespaces"))
+    # And any token can kill itself.
+    own_id = reader.split("_")[1]
+    assert client.delete(f"/api/v1/tokens/{own_id}").status_code == 204
+    auth_failed(client.get("/api/v1/namespaces"))
+
+
+def test_malformed_cursor_is_400(actors):
+    r = actors.client("alice").get("/api/v1/namespaces?cursor=not-a-cursor")
+    error(r, 400, "invalid_input")
