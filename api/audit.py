@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC
 
 from django.db.models import QuerySet
 from django.http import HttpResponse, StreamingHttpResponse
@@ -94,9 +95,11 @@ def filtered_events(request: Request) -> QuerySet[AuditEvent]:
         if params.get(param):
             try:
                 moment = parse_datetime(params[param])
-            except ValueError:  # well formed but no such time, e.g. February 30th
+                # PostgreSQL refuses UTC offsets beyond 15:59 that Python accepts: send UTC.
+                moment = moment.astimezone(UTC) if moment and moment.tzinfo else None
+            except (ValueError, OverflowError):  # no such day, or outside years 1-9999 in UTC
                 moment = None
-            if moment is None or moment.tzinfo is None:
+            if moment is None:
                 raise InvalidInput(f"{param} must be an ISO 8601 time with a timezone")
             qs = qs.filter(**{lookup: moment})
     return qs

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+from datetime import timedelta, timezone
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -17,6 +18,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.db.models import Max
 from django.db.utils import DatabaseError
+from django.utils import timezone as django_timezone
 from rest_framework.test import APIClient
 
 from registry import keyconfig, storage
@@ -43,7 +45,8 @@ from tests.support.netproxy import TcpProxy
 from tests.support.objects import pattern_bytes, read_object, write_object
 
 pytestmark = pytest.mark.skipif(
-    connection.vendor != "postgresql", reason="the append-only triggers tested here are PostgreSQL's"
+    connection.vendor != "postgresql",
+    reason="the append-only triggers tested here are PostgreSQL's",
 )
 
 API = "/api/v1"
@@ -126,7 +129,9 @@ def export_lines(response) -> list[dict]:
 def leaks(event: AuditEvent, secret: str) -> bool:
     """Whether `secret` appears anywhere in what the log keeps of an event."""
     row = AuditEvent.objects.filter(pk=event.pk).values().get()
-    stored = [bytes(v) if isinstance(v, memoryview | bytes) else str(v).encode() for v in row.values()]
+    stored = [
+        bytes(v) if isinstance(v, memoryview | bytes) else str(v).encode() for v in row.values()
+    ]
     stored.append(json.dumps(event.details).encode())
     return any(secret.encode() in blob for blob in stored)
 
@@ -185,7 +190,9 @@ def activity(actors, draft) -> str:
 def test_upload_records_one_event_naming_alice_her_token_and_the_digest(actors, draft, store_kind):
     data = pattern_bytes(FIRST_SEGMENT_PLAINTEXT + 10, seed=1)
     alice = actors.client("alice")
-    r, new = run(lambda: put(alice, "w/model.bin", data, HTTP_CONTENT_DIGEST=digest_header(data)), 201)
+    r, new = run(
+        lambda: put(alice, "w/model.bin", data, HTTP_CONTENT_DIGEST=digest_header(data)), 201
+    )
     assert len(new) == 1
     event = new[0]
     assert event.action == AuditAction.ARTIFACT_UPLOAD
@@ -497,8 +504,9 @@ def test_auditor_filters_by_time(actors, activity):
         "2024-13-45T00:00:00Z",  # well formed, no such day
         "2024-02-30T10:00:00+00:00",
         "2024\x00-01-01T00:00:00Z",
+        "9999-12-31T23:59:59-23:59",  # year 10000 in UTC
     ],
-    ids=["words", "naive", "bad-month", "bad-day", "nul"],
+    ids=["words", "naive", "bad-month", "bad-day", "nul", "past-9999"],
 )
 @pytest.mark.parametrize("param", ["since", "until"])
 def test_bad_time_filter_is_400(actors, activity, param, value):
@@ -511,6 +519,17 @@ def test_bad_time_filter_is_400(actors, activity, param, value):
     assert dave.get(f"{AUDIT}/events", {param: "2024-01-01T00:00:00Z"}).status_code == 200
 
 
+def test_time_filter_accepts_any_offset_python_does(actors, activity):
+    # PostgreSQL itself refuses offsets beyond 15:59; the filter must not pass them through.
+    dave = actors.client("dave")
+    middle = AuditEvent.objects.filter(namespace="acme").order_by("seq")[2]
+    far_east = middle.created_at.astimezone(timezone(timedelta(hours=20))).isoformat()
+    assert far_east.endswith("+20:00")
+    got = [e["seq"] for e in listed(dave, since=far_east)]
+    assert got == [e["seq"] for e in listed(dave, since=middle.created_at.isoformat())]
+    assert middle.seq in got
+
+
 def test_auditor_exports_json_lines_oldest_first_and_the_export_is_audited(actors, activity):
     before = last_seq()
     r = actors.client("dave").get(f"{AUDIT}/events/export")
@@ -520,7 +539,10 @@ def test_auditor_exports_json_lines_oldest_first_and_the_export_is_audited(actor
     assert {"seq", "time", "actor", "action", "target", "details", "entry_hash"} <= set(lines[0])
     exports = events_after(before, AuditAction.AUDIT_EXPORT)
     assert len(exports) == 1
-    assert (exports[0].actor_user, exports[0].actor_token) == ("dave", key_id(actors.tokens["dave"]))
+    assert (exports[0].actor_user, exports[0].actor_token) == (
+        "dave",
+        key_id(actors.tokens["dave"]),
+    )
     # Filters apply to the export too, and are recorded with it.
     before = last_seq()
     r = actors.client("dave").get(f"{AUDIT}/events/export", {"action": "artifact.upload"})
@@ -535,9 +557,9 @@ def test_superuser_export_is_the_whole_chain_ending_with_the_export(actors, acti
     from django.contrib.auth import get_user_model
 
     sue = get_user_model().objects.create(username="sue", is_superuser=True)
-    lines = export_lines(bearer(token_create(user=sue, scopes=["read"]).plaintext).get(
-        f"{AUDIT}/events/export"
-    ))
+    lines = export_lines(
+        bearer(token_create(user=sue, scopes=["read"]).plaintext).get(f"{AUDIT}/events/export")
+    )
     assert [e["seq"] for e in lines] == list(range(1, last_seq() + 1))
     for prev, line in zip(lines, lines[1:], strict=False):
         assert line["prev_hash"] == prev["entry_hash"]
@@ -603,15 +625,15 @@ AUDIT_ENDPOINTS = [
 
 
 @pytest.mark.parametrize("who", ["alice", "bob", "carol"])
-def test_contributors_reviewers_and_viewers_are_refused_every_audit_endpoint(
-    actors, activity, who
-):
+def test_contributors_reviewers_and_viewers_are_refused_every_audit_endpoint(actors, activity, who):
     client = actors.client(who)
     for method, url in AUDIT_ENDPOINTS:
         r, new = run(lambda m=method, u=url: getattr(client, m)(u), 403)
         assert r.json()["code"] == "permission_denied"
         assert "seq" not in r.content.decode()
-        assert not any(e.action in {AuditAction.AUDIT_EXPORT, AuditAction.AUDIT_VERIFY} for e in new)
+        assert not any(
+            e.action in {AuditAction.AUDIT_EXPORT, AuditAction.AUDIT_VERIFY} for e in new
+        )
     # Control: the auditor is let in everywhere, and nobody without credentials is.
     for method, url in AUDIT_ENDPOINTS:
         assert getattr(actors.client("dave"), method)(url).status_code == 200
@@ -664,9 +686,12 @@ def test_auditor_needs_the_read_scope(actors, activity):
     issued = token_create(user=actors.users["dave"], scopes=["write"])
     r = bearer(issued.plaintext).get(f"{AUDIT}/events")
     assert r.status_code == 403
-    assert bearer(token_create(user=actors.users["dave"], scopes=["read"]).plaintext).get(
-        f"{AUDIT}/events"
-    ).status_code == 200
+    assert (
+        bearer(token_create(user=actors.users["dave"], scopes=["read"]).plaintext)
+        .get(f"{AUDIT}/events")
+        .status_code
+        == 200
+    )
 
 
 # --- 6. Authentication failures -----------------------------------------------------------------
@@ -676,10 +701,6 @@ def test_auditor_needs_the_read_scope(actors, activity):
     "case", ["unknown-id", "wrong-secret", "expired", "revoked", "malformed", "inactive"]
 )
 def test_failed_bearer_authentication_is_audited_without_the_secret(actors, case):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     alice = actors.users["alice"]
     issued = token_create(user=alice, scopes=["read"])
     raw = issued.plaintext
@@ -694,7 +715,7 @@ def test_failed_bearer_authentication_is_audited_without_the_secret(actors, case
         raw = f"smr_{issued.token.key_id}_{'Q' * 43}"
     elif case == "expired":
         ApiToken.objects.filter(pk=issued.token.pk).update(
-            expires_at=timezone.now() - timedelta(seconds=1)
+            expires_at=django_timezone.now() - timedelta(seconds=1)
         )
     elif case == "revoked":
         token_revoke(user=alice, key_id=issued.token.key_id)
@@ -704,9 +725,7 @@ def test_failed_bearer_authentication_is_audited_without_the_secret(actors, case
     elif case == "malformed":
         raw = f"tok_{secret_of(raw)}"
         reason, target = "malformed", ""
-    r, new = run(
-        lambda: bearer(raw).get(f"{API}/namespaces", HTTP_X_REQUEST_ID="probe-1"), 401
-    )
+    r, new = run(lambda: bearer(raw).get(f"{API}/namespaces", HTTP_X_REQUEST_ID="probe-1"), 401)
     assert r.json()["code"] == "authentication_failed"
     assert [e.action for e in new] == [AuditAction.AUTH_FAILED]
     event = new[0]
@@ -821,7 +840,9 @@ def test_failed_metadata_changes_leave_no_event(actors, draft):
     assert RegisteredModel.objects.filter(name="bert").count() == 1
     _r, new = run(
         lambda: root.post(
-            f"{API}/namespaces/acme/members", {"username": "nobody", "role": "viewer"}, format="json"
+            f"{API}/namespaces/acme/members",
+            {"username": "nobody", "role": "viewer"},
+            format="json",
         ),
         404,
     )
