@@ -3,6 +3,7 @@ from __future__ import annotations
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
+from registry.models import AuditAction, AuditOutcome
 from registry.services import audit
 from registry.services.tokens import token_authenticate
 
@@ -21,6 +22,11 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             return None
         raw = raw.strip()
         if not raw or " " in raw:
+            audit.audit_record_now(
+                action=AuditAction.AUTH_FAILED,
+                outcome=AuditOutcome.FAILURE,
+                details={"method": "bearer", "reason": "malformed"},
+            )
             raise exceptions.AuthenticationFailed("Malformed bearer token header.")
         token = token_authenticate(raw)
         if token is None:
