@@ -271,8 +271,8 @@ def bench_rest_s3(args: argparse.Namespace) -> None:
             "S3_REGION": REGION,
             **moto_credentials(),
         }
-        for run in range(args.repeat):
-            tag = f"[{run + 1}/{args.repeat}]"
+        for run in range(args.s3_repeat):
+            tag = f"[{run + 1}/{args.s3_repeat}]"
             key = f"baseline/{run}.bin"
             log(f"{tag} boto3 upload_fileobj {args.size_mib} MiB -> {moto.url}")
             b_up.append(rate(size, boto3_upload(client, bucket, key, size)))
@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--big-mib", type=int, default=4096)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--s3-repeat", type=int, default=1)
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS))
     args = parser.parse_args(argv)
     failed = False

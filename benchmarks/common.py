@@ -316,7 +316,9 @@ class Registry:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self.tmp is not None:
+            log(f"server log (last lines):\n{tail(self.tmp / 'gunicorn.log')}")
         self.close()
 
     def _env(self) -> dict[str, str]:

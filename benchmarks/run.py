@@ -1,12 +1,13 @@
 """Run every benchmark module; print JSON lines and append them to bench-results/<ts>.jsonl.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/smr .venv/bin/python benchmarks/run.py \
-        [--size-mib 1024] [--big-mib 4096] [--only crypto|rest_fs|rest_s3|rss ...] [--strict]
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/smr .venv/bin/python benchmarks/run.py
+        [--size-mib 1024] [--big-mib 4096] [--only NAME ...] [--repeat 3] [--strict]
 
 Benchmarks run one after the other (never in parallel: the figures share the machine's cores).
-bench_crypto.py is run as a subprocess at the same --size-mib and its JSON lines are passed
-through; if it is not there, a JSON line says it was skipped. Exit status: 1 if a benchmark
-failed, 2 with --strict if a target was missed, else 0.
+bench_rest.py (rest_fs, rest_s3, rss) runs in this process; every other bench_*.py module
+(crypto, audit, ...) runs as a subprocess, with --size-mib when it accepts it, and its JSON
+lines are passed through with "source"; if bench_crypto.py is missing a line says it was
+skipped. Exit status: 1 if a benchmark failed, 2 with --strict if a target was missed, else 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -28,17 +30,40 @@ sys.path.insert(1, str(HERE.parent))
 import bench_rest  # noqa: E402
 import common  # noqa: E402
 
-CRYPTO_MODULE = HERE / "bench_crypto.py"
-CRYPTO_TIMEOUT = 1800
+# Modules run in this process; every other benchmarks/bench_*.py runs as a subprocess.
+IN_PROCESS = {"bench_rest.py"}
+# Expected even when absent, so a run says it skipped them rather than staying silent.
+EXPECTED = ["bench_crypto.py"]
+MODULE_TIMEOUT = 3600
 
 
-def run_crypto(args: argparse.Namespace) -> None:
-    """Run bench_crypto.py as a subprocess at the same size, passing its JSON lines through."""
-    if not CRYPTO_MODULE.exists():
-        reason = f"{CRYPTO_MODULE.name} not found"
-        common.emit({"bench": "crypto", "skipped": True, "reason": reason})
+def module_name(path: Path) -> str:
+    return path.stem.removeprefix("bench_")
+
+
+def external_modules() -> list[Path]:
+    found = {p.name for p in HERE.glob("bench_*.py")} - IN_PROCESS
+    return [HERE / name for name in sorted(found | set(EXPECTED))]
+
+
+def accepts(path: Path, option: str) -> bool:
+    """Whether the module's --help mentions `option` (modules differ in what they take)."""
+    result = subprocess.run(  # fixed argv, no shell
+        [common.PYTHON, str(path), "--help"], cwd=common.ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    return option in result.stdout
+
+
+def run_module(path: Path, args: argparse.Namespace) -> None:
+    """Run a benchmark module as a subprocess at the same size, passing its JSON lines through."""
+    name = module_name(path)
+    if not path.exists():
+        common.emit({"bench": name, "skipped": True, "reason": f"{path.name} not found"})
         return
-    argv = [common.PYTHON, str(CRYPTO_MODULE), "--size-mib", str(args.size_mib)]
+    argv = [common.PYTHON, str(path)]
+    if accepts(path, "--size-mib"):
+        argv += ["--size-mib", str(args.size_mib)]
     common.log(" ".join(argv))
     proc = subprocess.Popen(  # fixed argv, no shell
         argv, cwd=common.ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -52,22 +77,28 @@ def run_crypto(args: argparse.Namespace) -> None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                common.log(f"bench_crypto: {line}")  # not a figure: keep stdout JSON-only
+                common.log(f"{path.name}: {line}")  # not a figure: keep stdout JSON-only
                 continue
-            if isinstance(record, dict):
-                record.setdefault("source", CRYPTO_MODULE.name)
-                common.emit(record)
-            else:
-                common.emit({"bench": "crypto", "source": CRYPTO_MODULE.name, "value": record})
-        code = proc.wait(timeout=CRYPTO_TIMEOUT)
+            if not isinstance(record, dict):
+                record = {"bench": name, "value": record}
+            record.setdefault("source", path.name)
+            common.emit(record)
+        code = proc.wait(timeout=MODULE_TIMEOUT)
     finally:
         if proc.poll() is None:  # interrupted or timed out: do not leave it running
             common.stop_group(proc)
     if code != 0:
-        raise RuntimeError(f"{CRYPTO_MODULE.name} exited with status {code}")
+        raise RuntimeError(f"{path.name} exited with status {code}")
 
 
-BENCHMARKS = {"crypto": run_crypto, **bench_rest.BENCHMARKS}
+def _module_runner(path: Path):
+    return lambda args: run_module(path, args)
+
+
+BENCHMARKS = {
+    **{module_name(p): _module_runner(p) for p in external_modules()},
+    **bench_rest.BENCHMARKS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=sorted(BENCHMARKS), help="run only NAME (repeatable)"
     )
     parser.add_argument(
-        "--repeat", type=int, default=1,
-        help="rest_fs/rest_s3: measure N times (fresh servers), report medians",
+        "--repeat", type=int, default=3,
+        help="rest_fs: measure N times (fresh servers), report medians (default 3)",
+    )
+    parser.add_argument(
+        "--s3-repeat", type=int, default=1,
+        help="rest_s3: the same (default 1: boto3's download_fileobj is slow on moto)",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 2 if any target is missed"
@@ -93,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         help="where <timestamp>.jsonl is written",
     )
     args = parser.parse_args(argv)
+    # A plain SIGTERM would skip the finally blocks that stop servers and remove temp dirs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = args.results_dir / f"{stamp}.jsonl"
@@ -105,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "size_mib": args.size_mib,
             "big_mib": args.big_mib,
             "repeat": args.repeat,
+            "s3_repeat": args.s3_repeat,
             "cpus": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "machine": platform.machine(),

@@ -4,7 +4,6 @@ database itself refuses to rewrite it (PostgreSQL's triggers, so run against Pos
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import itertools
@@ -42,30 +41,18 @@ from registry.models import (
 from registry.services import audit
 from registry.services.tokens import token_create, token_revoke
 from tests.conftest import FILES, use_s3
+from tests.support.http import OCTET, body, digest_header, put
 from tests.support.netproxy import TcpProxy
 from tests.support.objects import pattern_bytes, read_object, write_object
 
 API = "/api/v1"
 AUDIT = f"{API}/audit"
 VERSION = FILES.rsplit("/files", 1)[0]
-OCTET = "application/octet-stream"
 FOUR_SEGMENTS = FIRST_SEGMENT_PLAINTEXT + 3 * SEGMENT_PLAINTEXT
 STORED_SIZE = FIRST_SEGMENT_PLAINTEXT + SEGMENT_PLAINTEXT + 1000  # three segments
 
 
 # --- Helpers -------------------------------------------------------------------------------
-
-
-def put(client, path: str, data: bytes, **headers):
-    return client.put(f"{FILES}/{path}", data, content_type=OCTET, **headers)
-
-
-def body(response) -> bytes:
-    return b"".join(response.streaming_content)
-
-
-def digest_header(data: bytes) -> str:
-    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
 
 
 def bearer(raw: str) -> APIClient:

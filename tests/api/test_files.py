@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 
 import pytest
@@ -11,21 +10,8 @@ import requests
 from registry.crypto.stream import FIRST_SEGMENT_PLAINTEXT, SEGMENT_PLAINTEXT
 from registry.models import Artifact, PendingObject
 from tests.conftest import FILES
+from tests.support.http import OCTET, body, digest_header, put
 from tests.support.objects import IterBody, pattern, pattern_bytes, pattern_sha256
-
-OCTET = "application/octet-stream"
-
-
-def put(client, path: str, data: bytes, **headers):
-    return client.put(f"{FILES}/{path}", data, content_type=OCTET, **headers)
-
-
-def body(response) -> bytes:
-    return b"".join(response.streaming_content)
-
-
-def digest_header(data: bytes) -> str:
-    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
 
 
 @pytest.mark.parametrize(
