@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,8 +67,19 @@ def run_module(path: Path, args: argparse.Namespace) -> None:
     if accepts(path, "--size-mib"):
         argv += ["--size-mib", str(args.size_mib)]
     common.log(" ".join(argv))
+    # A private TMPDIR, removed afterwards, so whatever the module leaves in it goes too.
+    tmp = Path(tempfile.mkdtemp(prefix=f"smr-bench-{name}-"))
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    try:
+        _run_streaming(path, name, argv, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_streaming(path: Path, name: str, argv: list[str], env: dict[str, str]) -> None:
     proc = subprocess.Popen(  # fixed argv, no shell
-        argv, cwd=common.ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+        argv, cwd=common.ROOT, env=env, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None

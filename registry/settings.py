@@ -166,6 +166,8 @@ S3_ACCESS_KEY_ID = env("S3_ACCESS_KEY_ID")
 S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY")
 S3_PART_SIZE = env_int("S3_PART_SIZE", 16 << 20)
 S3_MAX_CONCURRENCY = env_int("S3_MAX_CONCURRENCY", 4)
+# Per-part checksum declared on multipart uploads ("" to disable for servers that reject it).
+S3_CHECKSUM_ALGORITHM = env("S3_CHECKSUM_ALGORITHM", "CRC32")
 
 # Audit checkpoints are signed with an Ed25519 key kept in a file, never in the database.
 SMR_AUDIT_SIGNING_KEY_FILE = Path(
@@ -260,6 +262,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": (env("LOG_LEVEL", "INFO") or "INFO").upper()},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "botocore": {"level": "WARNING"}},
 }

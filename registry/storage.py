@@ -12,8 +12,10 @@ import contextlib
 import errno
 import functools
 import os
+import queue
 import re
 import stat
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -46,7 +48,8 @@ MAX_SEGMENT_LENGTH = 200
 # How long abort() lets in-flight part uploads finish before aborting the upload under them.
 ABORT_DRAIN_TIMEOUT = 10.0
 
-_FS_WRITE_BUFFER = 4 << 20
+_FS_WRITEBACK_EVERY = 32 << 20
+_FS_QUEUE_DEPTH = 8
 _INCOMPLETE_DIR = ".incomplete"
 _KEY_RE = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _TEMP_SUFFIX_RE = re.compile(r"(.+)\.[0-9a-f]{32}")
@@ -265,17 +268,53 @@ class _FileWriter(_WriterBase):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise _fs_error(exc, "create temp file for", key) from exc
-        self._file = os.fdopen(fd, "wb", buffering=_FS_WRITE_BUFFER)
+        # Unbuffered: callers hand over segment-sized chunks, so a buffer would only add a copy.
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        # Disk writes run on their own thread, a few chunks behind the caller, so receiving
+        # and encrypting the next chunk overlaps with the kernel writing (and throttling) the
+        # last one. The queue bound keeps memory at _FS_QUEUE_DEPTH chunks.
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_FS_QUEUE_DEPTH)
+        self._error: OSError | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._drain, name="fs-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fd = self._file.fileno()
+        written = flushed = 0
+        while (item := self._queue.get()) is not None:
+            if self._error is not None or self._discard:
+                continue  # keep draining so a producer blocked in put() is released
+            try:
+                view = memoryview(item)
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(item)
+                if written - flushed >= _FS_WRITEBACK_EVERY:
+                    # Start write-back now (async) so the fsync at commit has little left to
+                    # wait for, and keep GBs of ciphertext out of the page cache.
+                    os.posix_fadvise(fd, flushed, written - flushed, os.POSIX_FADV_DONTNEED)
+                    flushed = written
+            except OSError as exc:
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            self._state = "failed"
+            raise _fs_error(self._error, "write", self._key) from self._error
+
+    def _stop_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def write(self, data: bytes | memoryview) -> None:
         self._check_open()
-        view = _byte_view(data)
-        try:
-            self._file.write(view)
-        except OSError as exc:
-            self._state = "failed"
-            raise _fs_error(exc, "write", self._key) from exc
-        self._written += len(view)
+        self._raise_if_failed()
+        # The thread writes later: take a private copy unless the bytes are immutable.
+        item = data if isinstance(data, bytes) else bytes(data)
+        self._queue.put(item)
+        self._written += len(item)
 
     def commit(self) -> int:
         self._publish(exclusive=False)
@@ -283,6 +322,8 @@ class _FileWriter(_WriterBase):
 
     def _publish(self, *, exclusive: bool) -> None:
         self._check_open()
+        self._stop_thread()
+        self._raise_if_failed()
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -335,6 +376,8 @@ class _FileWriter(_WriterBase):
         if self._state in {"committed", "aborted"}:
             return
         self._state = "aborted"
+        self._discard = True
+        self._stop_thread()
         # A failed flush here only concerns data we are discarding anyway.
         with contextlib.suppress(OSError):
             self._file.close()
@@ -585,7 +628,7 @@ class _S3Writer(_WriterBase):
         self._upload_id: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[Future[str], int] = {}
-        self._etags: dict[int, str] = {}
+        self._etags: dict[int, dict[str, Any]] = {}
         self._next_part = 1
 
     def write(self, data: bytes | memoryview) -> None:
@@ -614,7 +657,9 @@ class _S3Writer(_WriterBase):
 
     def _send_part(self, body: bytes) -> None:
         if self._upload_id is None:
-            resp = self._store._call("create_multipart_upload", self._key)
+            resp = self._store._call(
+                "create_multipart_upload", self._key, **self._store.checksum_params()
+            )
             self._upload_id = resp["UploadId"]
             self._executor = ThreadPoolExecutor(
                 max_workers=self._window, thread_name_prefix="s3-part"
@@ -650,13 +695,15 @@ class _S3Writer(_WriterBase):
         self._check_open()
         try:
             if self._upload_id is None:
-                self._store._call("put_object", self._key, Body=bytes(self._buf))
+                self._store._call(
+                    "put_object", self._key, Body=bytes(self._buf), **self._store.checksum_params()
+                )
             else:
                 if self._buf:
                     part, self._buf = bytes(self._buf), bytearray()
                     self._send_part(part)
                 self._collect(block_until=0)
-                parts = [{"ETag": self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
+                parts = [{**self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
                 self._store._call(
                     "complete_multipart_upload",
                     self._key,
@@ -719,6 +766,7 @@ class S3Store(ObjectStore):
         secret_access_key: str | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         max_concurrency: int = 4,
+        checksum_algorithm: str | None = "CRC32",
         client: Any = None,
     ) -> None:
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
@@ -728,6 +776,10 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.part_size = part_size
         self.max_concurrency = max_concurrency
+        # A declared part checksum lets S3 (and MinIO, moto) verify and combine parts cheaply;
+        # without one, some servers re-read the whole object on CompleteMultipartUpload.
+        # Empty/None for S3-compatible servers that reject the checksum headers.
+        self.checksum_algorithm = checksum_algorithm or None
         if client is None:
             # A private session: boto3's default session is not safe to share across threads.
             client = boto3.session.Session().client(
@@ -751,10 +803,20 @@ class S3Store(ObjectStore):
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, operation, key) from exc
 
-    def _upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def checksum_params(self) -> dict[str, str]:
+        return {"ChecksumAlgorithm": self.checksum_algorithm} if self.checksum_algorithm else {}
+
+    def _upload_part(
+        self, key: str, upload_id: str, part_number: int, body: bytes
+    ) -> dict[str, Any]:
         try:
             resp = self._client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=part_number,
+                Body=body,
+                **self.checksum_params(),
             )
         except ClientError as exc:
             if _client_error_info(exc)[1] == "NoSuchUpload":
@@ -762,7 +824,12 @@ class S3Store(ObjectStore):
             raise _s3_error(exc, "upload_part", key) from exc
         except BotoCoreError as exc:
             raise _s3_error(exc, "upload_part", key) from exc
-        return resp["ETag"]
+        part = {"ETag": resp["ETag"]}
+        if self.checksum_algorithm:
+            name = f"Checksum{self.checksum_algorithm.upper()}"
+            if resp.get(name):
+                part[name] = resp[name]
+        return part
 
     def _abort_upload(self, key: str, upload_id: str) -> bool:
         """Abort one multipart upload; False if it was already gone."""
@@ -888,5 +955,6 @@ def get_object_store() -> ObjectStore:
             secret_access_key=settings.S3_SECRET_ACCESS_KEY,
             part_size=getattr(settings, "S3_PART_SIZE", DEFAULT_PART_SIZE),
             max_concurrency=getattr(settings, "S3_MAX_CONCURRENCY", 4),
+            checksum_algorithm=getattr(settings, "S3_CHECKSUM_ALGORITHM", "CRC32"),
         )
     raise ImproperlyConfigured(f"SMR_STORAGE must be 'fs' or 's3', got {backend!r}")

@@ -47,7 +47,9 @@ from registry.services import audit
 
 logger = logging.getLogger(__name__)
 
-READ_CHUNK = 4 << 20
+# One segment's worth: big enough to amortise per-call costs, small enough that gunicorn's
+# body reader does not assemble (copy) large buffers.
+READ_CHUNK = 1 << 20
 
 
 def artifact_object_key(artifact_id: uuid.UUID) -> str:
