@@ -207,6 +207,9 @@ class PendingObject(models.Model):
     object_key = models.CharField(max_length=256, unique=True)
     reason = models.CharField(max_length=32, default="upload")
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set when a request gave up on the object and could not delete it (store down): the
+    # janitor may then clean it at once instead of waiting out the in-flight grace period.
+    abandoned_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.object_key

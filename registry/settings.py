@@ -213,7 +213,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "workers.tasks.audit_checkpoint",
         "schedule": SMR_AUDIT_CHECKPOINT_INTERVAL,
     },
-    "storage-janitor": {"task": "workers.tasks.storage_janitor", "schedule": 3600},
+    # Frequent, because it also finishes cleanups an outage interrupted (cheap when idle).
+    "storage-janitor": {"task": "workers.tasks.storage_janitor", "schedule": 300},
 }
 
 REST_FRAMEWORK = {

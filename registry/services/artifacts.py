@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.utils import timezone
 
 from registry import storage
 from registry.crypto import keys, stream
@@ -157,6 +158,7 @@ def pending_discard(store: storage.ObjectStore, key: str) -> None:
         store.delete(key)
     except storage.StorageError:
         logger.warning("could not delete %s now; left for the janitor", key)
+        PendingObject.objects.filter(object_key=key).update(abandoned_at=timezone.now())
         return
     PendingObject.objects.filter(object_key=key).delete()
 

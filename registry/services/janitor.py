@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from django.db.models import Q
 from django.utils import timezone
 
 from registry import storage
@@ -15,15 +16,24 @@ from registry.services.uploads import upload_session_abort
 logger = logging.getLogger(__name__)
 
 
-def objects_cleanup(*, older_than: timedelta) -> tuple[int, int]:
-    """Delete unreferenced objects recorded as pending before `now - older_than`.
+# Objects that are no longer referenced by anything, or that a request already gave up on,
+# can go at once; only uploads may still be in flight and get the grace period.
+IN_FLIGHT_REASONS = ("upload", "upload-part")
 
-    The grace period protects uploads still in flight. Returns (cleaned, still pending).
+
+def objects_cleanup(*, older_than: timedelta) -> tuple[int, int]:
+    """Delete unreferenced objects left by failed writes, deletes and replacements.
+
+    Objects of uploads that may still be running are only touched once older than
+    `older_than`. Returns (cleaned, still pending).
     """
     store = storage.get_object_store()
     cutoff = timezone.now() - older_than
+    due = (
+        Q(created_at__lte=cutoff) | Q(abandoned_at__isnull=False) | ~Q(reason__in=IN_FLIGHT_REASONS)
+    )
     cleaned = 0
-    for pending in PendingObject.objects.filter(created_at__lte=cutoff).iterator():
+    for pending in PendingObject.objects.filter(due).iterator():
         key = pending.object_key
         referenced = (
             Artifact.objects.filter(object_key=key).exists()
@@ -35,7 +45,7 @@ def objects_cleanup(*, older_than: timedelta) -> tuple[int, int]:
         pending_discard(store, key)
         if not PendingObject.objects.filter(pk=pending.pk).exists():
             cleaned += 1
-    return cleaned, PendingObject.objects.filter(created_at__lte=cutoff).count()
+    return cleaned, PendingObject.objects.filter(due).count()
 
 
 def uploads_expire() -> int:
