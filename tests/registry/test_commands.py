@@ -158,3 +158,19 @@ def test_demo_setup_replaces_a_revoked_token(settings, tmp_path):
     assert new != old
     assert bearer(new).get("/api/v1/namespaces").status_code == 200
     assert bearer(old).get("/api/v1/namespaces").status_code == 401
+
+
+def test_issue_token_cannot_demote_the_last_admin(db):
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from registry.models import Membership
+
+    call_command("issue_token", "boss", "--namespace", "solo", "--role", "admin", stdout=StringIO())
+    with pytest.raises(CommandError, match="at least one admin"):
+        call_command(
+            "issue_token", "boss", "--namespace", "solo", "--role", "viewer", stdout=StringIO()
+        )
+    assert Membership.objects.get(user__username="boss").role == "admin"

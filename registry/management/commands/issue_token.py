@@ -5,8 +5,9 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from registry.models import Membership, Namespace, Role, TokenScope
-from registry.services import tokens
+from registry.errors import RegistryError
+from registry.models import AuditAction, Namespace, Role, TokenScope
+from registry.services import audit, catalog, tokens
 
 
 class Command(BaseCommand):
@@ -35,6 +36,7 @@ class Command(BaseCommand):
         days = opts["days"] if opts["days"] is not None else settings.SMR_TOKEN_DEFAULT_DAYS
         if days < 0:
             raise CommandError("--days must be 0 (never expires) or a positive number of days.")
+        audit.context_set_system("manage.py issue_token")
         User = get_user_model()
         try:
             User._meta.get_field(User.USERNAME_FIELD).clean(username, None)
@@ -59,9 +61,14 @@ class Command(BaseCommand):
                             f"Invalid namespace name {namespace!r}: {' '.join(exc.messages)}"
                         ) from exc
                     ns.save()
-                Membership.objects.update_or_create(
-                    namespace=ns, user=user, defaults={"role": role}
-                )
+                    audit.audit_record(
+                        action=AuditAction.NAMESPACE_CREATE, namespace=ns.name, target=ns.name
+                    )
+                try:
+                    # The service keeps the last admin from being demoted, and audits.
+                    catalog.member_set(namespace=ns, username=user.get_username(), role=role)
+                except RegistryError as exc:
+                    raise CommandError(exc.message) from exc
             try:
                 issued = tokens.token_create(
                     user=user,
