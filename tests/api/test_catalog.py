@@ -556,3 +556,19 @@ def test_healthz_and_readyz(db):
     assert response.status_code == 200, response.content
     assert response.json()["checks"] == {"database": "ok", "storage": "ok"}
     assert response.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v1/namespaces",
+        "/api/v1/namespaces/acme/models",
+        "/api/v1/namespaces/acme/members",
+        "/api/v1/tokens",
+        "/api/v1/audit/events",
+    ],
+)
+def test_options_is_never_a_server_error(actors, url):
+    r = actors.client("alice").options(url)
+    assert r.status_code == 200
+    assert "name" in r.json()
