@@ -295,7 +295,24 @@ def gunicorn_conf() -> str:
     return os.environ.get("BENCH_GUNICORN_CONF") or "deploy/gunicorn.conf.py"
 
 
-class Registry:
+class ChildProcess:
+    """A server child process in its own process group, with a temp folder; close() always
+    stops the group and removes the folder."""
+
+    proc: subprocess.Popen | None = None
+    tmp: Path | None = None
+
+    def close(self) -> None:
+        try:
+            stop_group(self.proc)
+        finally:
+            self.proc = None
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+
+
+class Registry(ChildProcess):
     """A real registry: gunicorn with deploy/gunicorn.conf.py, a fresh SMR_VAR_DIR, a token."""
 
     def __init__(self, *, store_env: dict[str, str] | None = None, workers: int | None = None):
@@ -412,17 +429,8 @@ class Registry:
         number = r.json()["number"]
         return f"{api}/{name}/versions/{number}/files"
 
-    def close(self) -> None:
-        try:
-            stop_group(self.proc)
-        finally:
-            self.proc = None
-            if self.tmp is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                self.tmp = None
 
-
-class MotoServer:
+class MotoServer(ChildProcess):
     """moto's S3 server in its own process group, on a free loopback port."""
 
     def __init__(self) -> None:
@@ -451,15 +459,6 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def close(self) -> None:
-        try:
-            stop_group(self.proc)
-        finally:
-            self.proc = None
-            if self.tmp is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                self.tmp = None
 
 
 def moto_credentials() -> dict[str, str]:
