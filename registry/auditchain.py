@@ -76,6 +76,22 @@ class MerkleAccumulator:
         self._stack.append(node)
         self.size += 1
 
+    def frontier(self) -> list[list]:
+        """The perfect-subtree roots as [[size, hex], ...]: enough to continue the tree later."""
+        return [[size, h.hex()] for size, h in self._stack]
+
+    @classmethod
+    def restore(cls, frontier: list[list]) -> MerkleAccumulator:
+        acc = cls()
+        sizes = [int(size) for size, _h in frontier]
+        if any(s <= 0 or s & (s - 1) for s in sizes) or sizes != sorted(sizes, reverse=True):
+            raise ValueError("not a Merkle frontier: sizes must be decreasing powers of two")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("not a Merkle frontier: repeated subtree size")
+        acc._stack = [(int(size), bytes.fromhex(h)) for size, h in frontier]
+        acc.size = sum(sizes)
+        return acc
+
     def root(self) -> str:
         if not self._stack:
             return hashlib.sha256(b"").hexdigest()

@@ -313,6 +313,9 @@ class AuditCheckpoint(models.Model):
     size = models.BigIntegerField(unique=True)
     head_hash = models.CharField(max_length=64)
     merkle_root = models.CharField(max_length=64)
+    # Roots of the perfect subtrees at this size (signed, in `body`): the next checkpoint
+    # extends the tree from here instead of re-reading the whole log.
+    frontier = models.JSONField(default=list)
     prev_checkpoint_hash = models.CharField(max_length=64)
     created_at = models.DateTimeField()
     body = models.BinaryField()  # the exact signed bytes (canonical JSON of the fields above)

@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -280,13 +279,18 @@ def key_id_of(public: Ed25519PublicKey) -> str:
 # --- Checkpoints ---------------------------------------------------------------------------
 
 
-def _entries_from(after: int) -> Iterator[tuple[int, str]]:
-    qs = AuditEvent.objects.filter(seq__gt=after).order_by("seq").values_list("seq", "entry_hash")
-    return qs.iterator(chunk_size=5000)
+class AuditChainBroken(Exception):
+    """The entries since the last checkpoint do not form a valid chain: refuse to sign."""
 
 
 def checkpoint_body(
-    *, size: int, head_hash: str, merkle_root: str, prev_checkpoint_hash: str, created_at: str
+    *,
+    size: int,
+    head_hash: str,
+    merkle_root: str,
+    frontier: list[list],
+    prev_checkpoint_hash: str,
+    created_at: str,
 ) -> bytes:
     return canonical_bytes(
         {
@@ -295,16 +299,40 @@ def checkpoint_body(
             "size": size,
             "head_hash": head_hash,
             "merkle_root": merkle_root,
+            "frontier": frontier,
             "prev_checkpoint_hash": prev_checkpoint_hash,
             "time": created_at,
         }
     )
 
 
+def _resume_from(
+    prev: AuditCheckpoint | None, public: Ed25519PublicKey
+) -> tuple[int, str, MerkleAccumulator]:
+    """Where the last checkpoint left the tree: (size, head hash, accumulator).
+
+    Only a checkpoint whose signature verifies is trusted to resume from; otherwise the tree
+    is rebuilt from the first entry.
+    """
+    if prev is not None and prev.frontier:
+        try:
+            public.verify(bytes.fromhex(prev.signature), bytes(prev.body))
+            doc = json.loads(bytes(prev.body))
+            acc = MerkleAccumulator.restore(doc["frontier"])
+            if acc.size == doc["size"] == prev.size and acc.root() == doc["merkle_root"]:
+                return prev.size, doc["head_hash"], acc
+        except (InvalidSignature, ValueError, KeyError, TypeError):
+            pass
+        logger.warning("checkpoint at %s is not trustworthy; rebuilding the Merkle tree", prev.size)
+    return 0, GENESIS, MerkleAccumulator()
+
+
 def audit_checkpoint_create() -> AuditCheckpoint | None:
     """Sign the current log head; store it in the DB and, write-once, in the object store.
 
-    Returns None when nothing was appended since the last checkpoint.
+    Extends the previous checkpoint's tree with the new entries only, after checking that they
+    chain onto it: a tampered tail is refused (AuditChainBroken), never signed. Returns None
+    when nothing was appended since the last checkpoint.
     """
     key = signing_key()
     with transaction.atomic():
@@ -313,27 +341,47 @@ def audit_checkpoint_create() -> AuditCheckpoint | None:
         size = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
         if size == 0 or (prev is not None and prev.size >= size):
             return None
-        # The Merkle root covers the whole log: recompute it by streaming the entry hashes.
-        acc = MerkleAccumulator()
-        head = GENESIS
-        for seq, h in _entries_from(0):
-            if seq > size:
+        done, head, acc = _resume_from(prev, key.public_key())
+        rows = (
+            AuditEvent.objects.filter(seq__gt=done, seq__lte=size)
+            .order_by("seq")
+            .values_list("seq", "prev_hash", "entry_hash", "canonical")
+            .iterator(chunk_size=5000)
+        )
+        expected = done + 1
+        problem = None
+        for seq, prev_hash, stored_hash, canonical in rows:
+            if seq != expected or prev_hash != head:
+                problem = f"entry {expected} is missing or does not chain on"
                 break
-            acc.add(bytes.fromhex(h))
-            head = h
-        created = format_time(timezone.now())
+            if entry_hash(head, seq, bytes(canonical)) != stored_hash:
+                problem = f"entry {seq} does not match its hash"
+                break
+            acc.add(bytes.fromhex(stored_hash))
+            head = stored_hash
+            expected += 1
+        # Close the server-side cursor now, while its transaction is still alive.
+        rows.close()
+        if problem is None and expected != size + 1:
+            problem = f"entries {expected}..{size} are missing"
+        if problem is not None:
+            logger.error("audit checkpoint refused: %s", problem)
+            raise AuditChainBroken(problem)
+        prev_hash_cp = prev.checkpoint_hash if prev else GENESIS
         body = checkpoint_body(
             size=size,
             head_hash=head,
             merkle_root=acc.root(),
-            prev_checkpoint_hash=prev.checkpoint_hash if prev else GENESIS,
-            created_at=created,
+            frontier=acc.frontier(),
+            prev_checkpoint_hash=prev_hash_cp,
+            created_at=format_time(timezone.now()),
         )
         checkpoint = AuditCheckpoint.objects.create(
             size=size,
             head_hash=head,
             merkle_root=acc.root(),
-            prev_checkpoint_hash=prev.checkpoint_hash if prev else GENESIS,
+            frontier=acc.frontier(),
+            prev_checkpoint_hash=prev_hash_cp,
             created_at=timezone.now(),
             body=body,
             checkpoint_hash=hashlib.sha256(body).hexdigest(),
@@ -549,4 +597,5 @@ def audit_verify(*, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
                     f"the log ends at {report.entries} but a signed checkpoint covers {longest}",
                 )
             )
+    rows.close()  # release the server-side cursor at once after an early stop
     return report

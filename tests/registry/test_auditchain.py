@@ -59,3 +59,25 @@ def test_accumulator_matches_reference(n):
         acc.add(leaf)
     assert acc.size == n
     assert acc.root() == merkle_root(leaves)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 8, 13, 64, 99])
+def test_accumulator_resumes_from_its_frontier(split):
+    leaves = [hashlib.sha256(str(i).encode()).digest() for i in range(100)]
+    first = MerkleAccumulator()
+    for leaf in leaves[:split]:
+        first.add(leaf)
+    resumed = MerkleAccumulator.restore(first.frontier())
+    assert resumed.size == split
+    for leaf in leaves[split:]:
+        resumed.add(leaf)
+    assert resumed.root() == merkle_root(leaves)
+
+
+@pytest.mark.parametrize(
+    "frontier",
+    [[[3, "00" * 32]], [[1, "00" * 32], [2, "00" * 32]], [[2, "aa" * 32], [2, "bb" * 32]]],
+)
+def test_restore_rejects_what_is_not_a_frontier(frontier):
+    with pytest.raises(ValueError):
+        MerkleAccumulator.restore(frontier)

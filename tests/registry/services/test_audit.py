@@ -330,3 +330,36 @@ def test_worker_signs_checkpoints(settings, tmp_path):
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def test_checkpoints_extend_incrementally_and_match_a_full_recompute(db):
+    from registry.auditchain import merkle_root
+
+    for n in (3, 1, 7, 16, 2):
+        append(n)
+        cp = audit.audit_checkpoint_create()
+        leaves = [
+            bytes.fromhex(h)
+            for h in AuditEvent.objects.filter(seq__lte=cp.size)
+            .order_by("seq")
+            .values_list("entry_hash", flat=True)
+        ]
+        assert cp.merkle_root == merkle_root(leaves)
+        assert json.loads(bytes(cp.body))["frontier"] == cp.frontier
+    assert audit.audit_verify().ok
+
+
+def test_checkpointer_refuses_to_sign_a_tampered_tail(log):
+    drop_triggers()
+    sql(f"UPDATE {EVENTS} SET canonical = convert_to('{{}}', 'UTF8') WHERE seq = 25")
+    with pytest.raises(audit.AuditChainBroken, match="entry 25"):
+        audit.audit_checkpoint_create()
+    assert not AuditCheckpoint.objects.filter(size__gt=20).exists()
+    assert first_bad() == ("HASH", 25)
+
+
+def test_checkpointer_refuses_a_gap_since_the_last_checkpoint(log):
+    drop_triggers()
+    sql(f"DELETE FROM {EVENTS} WHERE seq = 23")
+    with pytest.raises(audit.AuditChainBroken, match="entry 23"):
+        audit.audit_checkpoint_create()
