@@ -331,9 +331,24 @@ def audit_checkpoint_create() -> AuditCheckpoint | None:
     """Sign the current log head; store it in the DB and, write-once, in the object store.
 
     Extends the previous checkpoint's tree with the new entries only, after checking that they
-    chain onto it: a tampered tail is refused (AuditChainBroken), never signed. Returns None
-    when nothing was appended since the last checkpoint.
+    chain onto it: a tampered tail is refused (AuditChainBroken), never signed, and the refusal
+    is itself logged. Returns None when nothing was appended since the last checkpoint.
     """
+    try:
+        return _checkpoint_create()
+    except AuditChainBroken as exc:
+        logger.error("audit checkpoint refused: %s", exc)
+        # Its own transaction: the checkpoint's was rolled back, the refusal must stay.
+        audit_record_now(
+            action=AuditAction.AUDIT_CHECKPOINT,
+            outcome=AuditOutcome.FAILURE,
+            target="audit/log",
+            details={"refused": str(exc)},
+        )
+        raise
+
+
+def _checkpoint_create() -> AuditCheckpoint | None:
     key = signing_key()
     with transaction.atomic():
         _lock(CHECKPOINT_LOCK)
@@ -365,7 +380,6 @@ def audit_checkpoint_create() -> AuditCheckpoint | None:
         if problem is None and expected != size + 1:
             problem = f"entries {expected}..{size} are missing"
         if problem is not None:
-            logger.error("audit checkpoint refused: %s", problem)
             raise AuditChainBroken(problem)
         prev_hash_cp = prev.checkpoint_hash if prev else GENESIS
         body = checkpoint_body(

@@ -355,6 +355,9 @@ def test_checkpointer_refuses_to_sign_a_tampered_tail(log):
     with pytest.raises(audit.AuditChainBroken, match="entry 25"):
         audit.audit_checkpoint_create()
     assert not AuditCheckpoint.objects.filter(size__gt=20).exists()
+    refusal = AuditEvent.objects.order_by("-seq").first()
+    assert (refusal.action, refusal.outcome) == ("audit.checkpoint", "failure")
+    assert "entry 25" in refusal.details["refused"]
     assert first_bad() == ("HASH", 25)
 
 
