@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from registry.services import audit
 
@@ -10,7 +10,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         audit.context_set_system("manage.py audit_checkpoint")
-        checkpoint = audit.audit_checkpoint_create()
+        try:
+            checkpoint = audit.audit_checkpoint_create()
+        except audit.AuditChainBroken as exc:
+            raise CommandError(
+                f"refusing to sign: {exc}. Run manage.py verify_audit for the details."
+            ) from exc
         if checkpoint is None:
             self.stdout.write("no new audit events since the last checkpoint")
             return
