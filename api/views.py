@@ -202,27 +202,19 @@ class TokenListView(ListView):
     def post(self, request: Request) -> Response:
         data = parse(TokenIn, request)
         principal = principal_of(request)
-        # A token can only mint tokens with scopes it holds itself (no privilege escalation).
-        if principal.token is not None and not set(data["scopes"]) <= set(principal.token.scopes):
-            raise PermissionDenied("A token cannot create a token with scopes it lacks.")
         if "expires_at" in data:
             expires_at = data["expires_at"]
         else:
             expires_at = tokens.default_expiry(settings.SMR_TOKEN_DEFAULT_DAYS)
-        # Nor one that outlives it: a short-lived token must not mint a long-lived one.
-        limit = principal.token.expires_at if principal.token is not None else None
-        if limit is not None and (expires_at is None or expires_at > limit):
-            if "expires_at" in data:
-                raise PermissionDenied(
-                    "A token cannot create a token that expires after it does.",
-                    expires_at_max=limit.isoformat(),
-                )
-            expires_at = limit
+            if principal.token is not None and principal.token.expires_at is not None:
+                # Unasked, a minted token simply ends with the token that minted it.
+                expires_at = min(filter(None, [expires_at, principal.token.expires_at]))
         issued = tokens.token_create(
             user=request.user,
             scopes=data["scopes"],
             name=data.get("name", ""),
             expires_at=expires_at,
+            issued_by=principal.token,
         )
         body = dict(TokenOut(issued.token).data, token=issued.plaintext)
         return Response(body, status=status.HTTP_201_CREATED)
@@ -231,12 +223,7 @@ class TokenListView(ListView):
 class TokenDetailView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request: Request, token_id: str) -> Response:
-        principal = principal_of(request)
-        # Any token may revoke itself (a leaked token can always be killed with itself), but
-        # revoking the owner's other tokens needs the admin scope: otherwise a leaked read-only
-        # token could lock its owner out of every script.
-        own = principal.token is not None and principal.token.key_id == token_id
-        if not own and not principal.has_scope("admin"):
-            raise PermissionDenied("Revoking another token needs a token with the 'admin' scope.")
-        tokens.token_revoke(user=request.user, key_id=token_id)
+        tokens.token_revoke(
+            user=request.user, key_id=token_id, revoked_by=principal_of(request).token
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -12,7 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from registry.errors import InvalidInput, NotFound
+from registry.errors import InvalidInput, NotFound, PermissionDenied
 from registry.models import ApiToken, AuditAction, AuditOutcome, TokenScope
 from registry.services.audit import audit_record, audit_record_now
 
@@ -37,14 +37,29 @@ def token_create(
     scopes: list[str],
     name: str = "",
     expires_at: datetime | None = None,
+    issued_by: ApiToken | None = None,
 ) -> IssuedToken:
-    """Create a token for `user` with the given scopes and return its plaintext once."""
+    """Create a token for `user` with the given scopes and return its plaintext once.
+
+    `issued_by` is the token the request authenticated with, if any: a token can only mint
+    tokens with scopes it holds and that expire no later than it does (no escalation by
+    minting).
+    """
     unknown = sorted(set(scopes) - set(TokenScope.values))
     if not scopes or unknown:
         raise InvalidInput(
             f"scopes must be a non-empty subset of {sorted(TokenScope.values)}",
             unknown=unknown,
         )
+    if issued_by is not None:
+        if not set(scopes) <= set(issued_by.scopes):
+            raise PermissionDenied("A token cannot create a token with scopes it lacks.")
+        limit = issued_by.expires_at
+        if limit is not None and (expires_at is None or expires_at > limit):
+            raise PermissionDenied(
+                "A token cannot create a token that expires after it does.",
+                expires_at_max=limit.isoformat(),
+            )
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future")
     key_id = secrets.token_hex(6)
@@ -113,7 +128,17 @@ def _token_check(raw: str) -> tuple[ApiToken | None, str]:
     return token, ""
 
 
-def token_revoke(*, user: AbstractBaseUser, key_id: str) -> ApiToken:
+def token_revoke(
+    *, user: AbstractBaseUser, key_id: str, revoked_by: ApiToken | None = None
+) -> ApiToken:
+    """Revoke one of `user`'s tokens.
+
+    Any token may revoke itself (a leaked token can always be killed with itself), but
+    revoking the owner's other tokens needs the admin scope: otherwise a leaked read-only token
+    could lock its owner out of every script.
+    """
+    if revoked_by is not None and revoked_by.key_id != key_id and "admin" not in revoked_by.scopes:
+        raise PermissionDenied("Revoking another token needs a token with the 'admin' scope.")
     if not key_id or not set(key_id) <= KEY_ID_CHARS:  # also keeps NUL away from PostgreSQL
         raise NotFound("No such token.")
     with transaction.atomic():
