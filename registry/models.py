@@ -257,6 +257,8 @@ class AuditAction(models.TextChoices):
     VERSION_SUBMIT = "version.submit"
     ARTIFACT_UPLOAD = "artifact.upload"
     ARTIFACT_DOWNLOAD = "artifact.download"
+    # Follow-up to a download the client cut short: what was actually sent.
+    ARTIFACT_DOWNLOAD_INCOMPLETE = "artifact.download_incomplete"
     ARTIFACT_DELETE = "artifact.delete"
     ARTIFACT_INTEGRITY_FAILURE = "artifact.integrity_failure"
     UPLOAD_CREATE = "upload.create"
