@@ -1,33 +1,98 @@
-"""Artifact path rules: relative POSIX paths that are safe on every filesystem and in URLs."""
+"""Artifact path rules: relative POSIX paths that are safe on every filesystem and in URLs.
+
+A path is stored in Unicode NFC, so the NFC and NFD spellings of one name (macOS sends NFD,
+most others NFC) are one file. What a client could turn into something else when it writes
+the file out is refused: invisible or direction-changing characters, segments that some
+filesystem or best-fit code page reads as '.' or '..', and segment ends Windows drops.
+"""
 
 from __future__ import annotations
+
+import unicodedata
+
+from django.http import HttpRequest
 
 from registry.errors import InvalidPath
 
 MAX_PATH_BYTES = 1024
 
+# Cc: C0/C1 controls; Cf: bidi overrides and isolates, zero-width characters, BOM, soft
+# hyphen; Cs: lone surrogates (only reachable through JSON); Zl/Zp: U+2028/U+2029.
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+# U+FFFD means something upstream failed to decode the name; the real name is lost.
+_REPLACEMENT = "\ufffd"
+# Best-fit code pages and some clients turn these into '/' or '\' (the "WorstFit" family).
+_SLASH_LOOKALIKES = set("\uff0f\uff3c\u2215\u2216\u2044\u29f8\u29f9\ufe68\u2571\u2572")
+_DOT_WORDS = ("FULL STOP", "DOT", "ELLIPSIS", "TELEIA")
+
+
+def _dot_like(char: str) -> bool:
+    """'.' or a punctuation, symbol or mark some client may render or fold into one."""
+    if char == "." or set(unicodedata.normalize("NFKC", char)) <= {"."}:
+        return True
+    if unicodedata.category(char)[0] not in "PSM":
+        return False  # letters with a dot (i, ż) are fine
+    name = unicodedata.name(char, "")
+    return any(word in name for word in _DOT_WORDS)
+
 
 def validate_artifact_path(path: str) -> str:
-    """Return `path` if it is an acceptable artifact path, else raise InvalidPath saying why."""
+    """Return the NFC form of `path` if it is an acceptable artifact path, else raise
+    InvalidPath saying why. Callers must store and look up the returned value."""
     if not path:
         raise InvalidPath("The path is empty.", path=path)
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+    if any(unicodedata.category(c) == "Cs" for c in path):
+        raise InvalidPath("The path is not valid UTF-8 (it holds a lone surrogate).")
+    path = unicodedata.normalize("NFC", path)
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise InvalidPath(f"The path is longer than {MAX_PATH_BYTES} bytes.")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise InvalidPath("The path contains a control character (NUL, newline, ...).")
-    if "\\" in path:
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in path):
         raise InvalidPath(
-            "Use '/' to separate directories; backslashes are not allowed.", path=path
+            "The path contains a control or invisible formatting character (NUL, newline, "
+            "bidi override, zero-width space, line separator, ...)."
+        )
+    if _REPLACEMENT in path:
+        raise InvalidPath("The path contains U+FFFD: it was not decoded correctly.", path=path)
+    if "\\" in path or _SLASH_LOOKALIKES.intersection(path):
+        raise InvalidPath(
+            "Use '/' to separate directories; backslashes and slash look-alikes are not allowed.",
+            path=path,
         )
     if path.startswith("/"):
         raise InvalidPath("The path must be relative (no leading '/').", path=path)
     for segment in path.split("/"):
         if segment == "":
             raise InvalidPath("The path has an empty segment ('//' or a trailing '/').", path=path)
-        if segment in {".", ".."}:
-            raise InvalidPath("'.' and '..' segments are not allowed.", path=path)
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidPath("The path is not valid UTF-8.") from exc
+        if all(_dot_like(c) for c in segment):
+            raise InvalidPath(
+                "A segment made only of dots (or dot-like characters) is not allowed.", path=path
+            )
+        if segment != segment.strip():
+            raise InvalidPath("A segment may not start or end with whitespace.", path=path)
+        if _dot_like(segment[-1]):
+            raise InvalidPath(
+                "A segment may not end with '.' or a dot-like character (Windows drops "
+                "trailing dots).",
+                path=path,
+            )
     return path
+
+
+def validate_raw_request_path(request: HttpRequest) -> None:
+    """Raise InvalidPath if the request's URL path did not decode to UTF-8.
+
+    Django re-quotes bytes that are not UTF-8 (`%ff` arrives as the text '%FF'), which would
+    make such a request name a different, literal file. The WSGI environ still holds the
+    bytes the server decoded, as latin-1 text, so check those. ASGI requests carry no environ
+    (their servers decode the path themselves) and are left to validate_artifact_path.
+    """
+    environ = getattr(request, "environ", None)
+    raw = environ.get("PATH_INFO") if environ else None
+    if not raw:
+        return
+    try:
+        raw.encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:
+        return  # already decoded text, not WSGI bytes
+    except UnicodeDecodeError as exc:
+        raise InvalidPath("The URL path is not valid UTF-8; percent-encode UTF-8 bytes.") from exc
