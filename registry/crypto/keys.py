@@ -40,6 +40,8 @@ import botocore.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from registry.fsutil import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 DEK_BYTES = 32
@@ -224,13 +226,10 @@ class LocalKeyring(KeyProvider):
 
     def _fsync_dir(self) -> None:
         # Without this a crash right after the rename can lose the new directory entry, i.e. a
-        # freshly generated key that may already have wrapped DEKs.
+        # freshly generated key that may already have wrapped DEKs. Best effort: the key file
+        # itself is already fsynced, and some mounts refuse to fsync a directory.
         with contextlib.suppress(OSError):
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.path.parent)
 
     def _create(self) -> None:
         parent = self.path.parent

@@ -52,11 +52,11 @@ __all__ = [
     "TAG_SIZE",
     "StreamEncryptor",
     "StreamIntegrityError",
+    "byte_view",
     "ciphertext_range",
     "ciphertext_size",
     "decrypt_iter",
     "decrypt_range",
-    "encrypt_iter",
     "segment_count",
 ]
 
@@ -155,7 +155,12 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + struct.pack(">IB", index, 1 if last else 0)
 
 
-def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat memoryview of `data` whose len() counts bytes, without copying.
+
+    A memoryview of wider items (array('I'), numpy buffers) would otherwise report its length
+    in items, and slicing it would cut at item, not byte, boundaries.
+    """
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1 or view.format != "B":
         view = view.cast("B")
@@ -310,7 +315,7 @@ class StreamEncryptor:
     def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Feed plaintext; returns the ciphertext chunks that are complete now (maybe none)."""
         self._check_usable()
-        view = _byte_view(data)
+        view = byte_view(data)
         self.plaintext_size += len(view)
         out: list[bytes] = []
         try:
@@ -385,22 +390,6 @@ class StreamEncryptor:
         self._hasher.close()
 
 
-def encrypt_iter(
-    dek: bytes, associated_data: bytes, chunks: Iterable[bytes | bytearray | memoryview]
-) -> Iterator[bytes]:
-    """Encrypt a plaintext stream into ciphertext chunks (header first)."""
-    encryptor = StreamEncryptor(dek, associated_data)
-    return _encrypt_chunks(encryptor, chunks)
-
-
-def _encrypt_chunks(
-    encryptor: StreamEncryptor, chunks: Iterable[bytes | bytearray | memoryview]
-) -> Iterator[bytes]:
-    for chunk in chunks:
-        yield from encryptor.update(chunk)
-    yield from encryptor.finalize()
-
-
 # ---------------------------------------------------------------------------------------------
 # Decryption
 
@@ -419,7 +408,7 @@ def _split_segments(
     fill = 0
     length = _full_ciphertext_len(index)
     for chunk in chunks:
-        view = _byte_view(chunk)
+        view = byte_view(chunk)
         if fill + len(view) <= length:
             held[fill : fill + len(view)] = view
             fill += len(view)
@@ -463,7 +452,7 @@ def _decrypt_stream(
     header = bytearray()
     rest: memoryview | None = None
     for chunk in chunks:
-        view = _byte_view(chunk)
+        view = byte_view(chunk)
         need = HEADER_SIZE - len(header)
         header += view[:need]
         if len(header) == HEADER_SIZE:

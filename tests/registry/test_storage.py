@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import boto3
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+)
 
 from registry.storage import (
     CHUNK_SIZE,
-    MIN_PART_SIZE,
+    S3_MIN_PART_SIZE,
     FileSystemStore,
     ObjectExists,
     ObjectNotFound,
@@ -22,13 +29,15 @@ from registry.storage import (
     S3Store,
     StorageError,
     StorageUnavailable,
-    _s3_error,
     get_object_store,
+    s3_config,
 )
-from tests.conftest import s3_client
+from registry.storage.s3 import _s3_error
+from tests.conftest import REGION, s3_client
 from tests.support.netproxy import TcpProxy
 
-PART = MIN_PART_SIZE  # keeps multipart tests small; S3 refuses smaller non-final parts
+PART = S3_MIN_PART_SIZE  # keeps multipart tests small; S3 refuses smaller non-final parts
+TEMP_NAME = re.compile(r"(.+)\.[0-9a-f]{32}")
 
 
 @pytest.fixture(params=["fs", "s3"])
@@ -43,13 +52,22 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
 
 
 def backend_leftovers(store: ObjectStore) -> list[str]:
-    """Unfinished writes as the backend itself sees them, not as the store reports them."""
+    """Keys of unfinished writes as the backend itself sees them, not as the store reports them:
+    S3's multipart uploads, or the temp files in the folder's .incomplete directory."""
     if isinstance(store, S3Store):
         endpoint = store._client.meta.endpoint_url
         uploads = s3_client(endpoint).list_multipart_uploads(Bucket=store.bucket)
-        return [u["Key"] for u in uploads.get("Uploads", [])]
+        return sorted(u["Key"] for u in uploads.get("Uploads", []))
+    assert isinstance(store, FileSystemStore)
     incomplete = store.root / ".incomplete"
-    return [str(p) for p in incomplete.rglob("*") if p.is_file()] if incomplete.exists() else []
+    if not incomplete.exists():
+        return []
+    keys = []
+    for path in incomplete.rglob("*"):
+        if path.is_file():
+            match = TEMP_NAME.fullmatch(path.relative_to(incomplete).as_posix())
+            keys.append(match.group(1) if match else str(path))
+    return sorted(keys)
 
 
 def read_all(store: ObjectStore, key: str, start: int = 0, end: int | None = None) -> bytes:
@@ -76,7 +94,6 @@ def test_round_trip(store: ObjectStore, size: int) -> None:
     assert store.size("objects/ab/round-trip") == size
     assert read_all(store, "objects/ab/round-trip") == data
     assert backend_leftovers(store) == []
-    assert store.list_incomplete() == []
 
 
 def test_write_after_commit_is_refused(store: ObjectStore) -> None:
@@ -166,7 +183,6 @@ def test_abort_leaves_nothing(store: ObjectStore, size: int) -> None:
         w.commit()
     assert not store.exists("aborted")
     assert backend_leftovers(store) == []
-    assert store.list_incomplete() == []
 
 
 def test_context_manager_aborts_on_error(store: ObjectStore) -> None:
@@ -177,26 +193,23 @@ def test_context_manager_aborts_on_error(store: ObjectStore) -> None:
     assert backend_leftovers(store) == []
 
 
-def test_abort_incomplete_and_list_incomplete(store: ObjectStore) -> None:
-    # More than a part, so S3 has a multipart upload to list.
+def test_abort_incomplete(store: ObjectStore) -> None:
+    # More than a part, so S3 has a multipart upload to abort.
     w1 = store.writer("a/b")
     w1.write(os.urandom(PART + 1))
     w2 = store.writer("a/bc")  # shares a prefix: must survive abort_incomplete("a/b")
     w2.write(os.urandom(PART + 1))
-    assert store.list_incomplete() == ["a/b", "a/bc"]
-    assert store.list_incomplete("a/b") == ["a/b", "a/bc"]
-    assert store.list_incomplete("z") == []
+    assert backend_leftovers(store) == ["a/b", "a/bc"]
 
     assert store.abort_incomplete("a/b") == 1
     assert store.abort_incomplete("a/b") == 0
-    assert store.list_incomplete() == ["a/bc"]
+    assert backend_leftovers(store) == ["a/bc"]
     with pytest.raises(StorageError):
         w1.commit()
     w1.abort()
     assert not store.exists("a/b")
 
     assert w2.commit() == PART + 1
-    assert store.list_incomplete() == []
     assert backend_leftovers(store) == []
 
 
@@ -210,8 +223,19 @@ def test_invalid_keys(store: ObjectStore, key: str) -> None:
         store.put_bytes(key, b"x")
 
 
-def test_ping(store: ObjectStore) -> None:
-    store.ping()
+def test_ping(store: ObjectStore, tmp_path: Path) -> None:
+    store.ping()  # usable: no exception
+    # The probe leaves nothing behind that a listing or the janitor would trip over.
+    assert list(store.list_keys()) == []
+    assert backend_leftovers(store) == []
+    # Control: the same store fails ping once its backend is gone, so ping really checks it.
+    if isinstance(store, S3Store):
+        s3_client(store._client.meta.endpoint_url).delete_bucket(Bucket=store.bucket)
+    else:
+        (tmp_path / "objects").rename(tmp_path / "moved")
+        (tmp_path / "objects").write_bytes(b"")  # a file where the folder was: not writable
+    with pytest.raises(StorageUnavailable):
+        store.ping()
 
 
 def test_ping_fails_without_bucket(moto_endpoint: str) -> None:
@@ -227,7 +251,7 @@ def test_ping_fails_when_folder_unusable(tmp_path: Path) -> None:
 
 def test_s3_rejects_parts_below_minimum() -> None:
     with pytest.raises(ValueError):
-        S3Store("b", endpoint_url="http://127.0.0.1:9", part_size=MIN_PART_SIZE - 1)
+        S3Store("b", endpoint_url="http://127.0.0.1:9", part_size=S3_MIN_PART_SIZE - 1)
 
 
 def client_error(status: int, code: str) -> ClientError:
@@ -259,39 +283,68 @@ def test_s3_outage_mid_write(moto_endpoint: str, s3_bucket: str, when: str) -> N
     moto = urlsplit(moto_endpoint)
     # Throttled, a 5 MiB part takes over a second to go through, so the cut lands inside it.
     rate = 4 << 20 if when == "mid-part-body" else None
+    direct = s3_client(moto_endpoint)
     with TcpProxy(moto.hostname, moto.port, bytes_per_second=rate) as proxy:
-        # The store's own client config, not a test-tuned one: the bound below is the real one.
-        store = S3Store(
-            s3_bucket,
-            endpoint_url=f"http://127.0.0.1:{proxy.port}",
-            part_size=PART,
-            max_concurrency=2,
+        # The store's own client config, not a test-tuned one: the retry budget is the real one.
+        config = s3_config(max_concurrency=2)
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=f"http://127.0.0.1:{proxy.port}", region_name=REGION, config=config
         )
+        # botocore's own hooks (not the store's code) tell the test what each attempt did.
+        part_one_sent, cut_done = threading.Event(), threading.Event()
+        attempts: dict[str, list[type[BaseException] | None]] = {}  # UploadPart url -> tries
+
+        def before_send(request, **_):
+            if "partNumber=1&" in request.url + "&":
+                part_one_sent.set()
+                if when == "before-part-connects":
+                    cut_done.wait(timeout=30)  # hold part 1 until the endpoint is gone
+
+        def needs_retry(request_dict, caught_exception=None, **_):
+            url = request_dict["url"]
+            attempts.setdefault(url, []).append(
+                type(caught_exception) if caught_exception is not None else None
+            )
+
+        client.meta.events.register("before-send.s3.UploadPart", before_send)
+        client.meta.events.register("needs-retry.s3.UploadPart", needs_retry)
+        store = S3Store(s3_bucket, client=client, part_size=PART, max_concurrency=2)
+
         w = store.writer("big")
         w.write(os.urandom(PART + 100))  # creates the multipart upload; part 1 goes out
+        assert part_one_sent.wait(timeout=30)
         if when == "mid-part-body":
-            time.sleep(0.3)
+            time.sleep(0.3)  # let part 1's body start flowing through the throttle
         proxy.cut()
+        cut_done.set()
 
-        started = time.monotonic()
         with pytest.raises(StorageUnavailable):
             for _ in range(6):
                 w.write(os.urandom(PART))
             w.commit()
-        assert time.monotonic() - started < 10
-        with pytest.raises(StorageUnavailable):
-            store.list_incomplete()
-
         # The endpoint is still down, so abort may fail; the upload is left for abort_incomplete.
         with contextlib.suppress(StorageUnavailable):
             w.abort()
 
         proxy.restore()
-        assert store.list_incomplete() == ["big"]
+        uploads = direct.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        assert [u["Key"] for u in uploads] == ["big"]
+        # Which path ran: part 1 never landed, and its first attempt failed on a connection
+        # that was already open and carrying it (mid-body) or on connecting at all (before).
+        parts = direct.list_parts(Bucket=s3_bucket, Key="big", UploadId=uploads[0]["UploadId"])
+        assert parts.get("Parts", []) == []
+        [part_one] = [url for url in attempts if "partNumber=1&" in url + "&"]
+        first_error = attempts[part_one][0]
+        assert first_error is not None
+        if when == "mid-part-body":
+            assert issubclass(first_error, HTTPClientError), first_error
+        else:
+            assert issubclass(first_error, EndpointConnectionError), first_error
+        # No part upload hung or looped: each gave up within the client's retry budget.
+        budget = client.meta.config.retries["total_max_attempts"]
+        assert all(len(tries) <= budget for tries in attempts.values()), attempts
         assert store.abort_incomplete("big") == 1
-        assert store.list_incomplete() == []
 
-    direct = s3_client(moto_endpoint)
     assert direct.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     with pytest.raises(ClientError):
         direct.head_object(Bucket=s3_bucket, Key="big")

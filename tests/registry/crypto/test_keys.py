@@ -8,7 +8,6 @@ import logging
 import socket
 import stat
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -343,21 +342,27 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_kms_unreachable_is_unavailable_quickly() -> None:
+def test_kms_unreachable_is_unavailable_within_the_retry_budget() -> None:
     endpoint = f"http://127.0.0.1:{closed_port()}"
     arn = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000"
-    provider = AwsKmsKeyProvider(
-        arn, client=kms_client(endpoint, total_attempts=1, connect_timeout=1)
+    client = kms_client(endpoint, total_attempts=2, connect_timeout=1)
+    # botocore's hook sees every HTTP attempt, so the test can count them.
+    sent: list[bytes] = []
+    client.meta.events.register(
+        "before-send.kms", lambda request, **_: sent.append(request.headers["X-Amz-Target"])
     )
+    provider = AwsKmsKeyProvider(arn, client=client)
 
-    started = time.monotonic()
     with pytest.raises(KeyUnavailableError, match="could not reach"):
         provider.generate_data_key(CTX)
+    assert len(sent) == 2  # the client's budget, and no retry loop of the provider's own
     with pytest.raises(KeyUnavailableError):
         provider.unwrap(WrappedKey(f"aws-kms:{arn}", b"x" * 60), CTX)
     with pytest.raises(KeyUnavailableError):
         provider.rewrap(WrappedKey(f"aws-kms:{arn}", b"x" * 60), CTX)
-    assert time.monotonic() - started < 5
+    # Each call is one KMS operation, given up after exactly two attempts.
+    ops = [target.decode().rpartition(".")[2] for target in sent]
+    assert ops == [op for op in ("GenerateDataKey", "Decrypt", "ReEncrypt") for _ in range(2)]
 
 
 class FakeKms:

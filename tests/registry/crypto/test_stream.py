@@ -29,7 +29,6 @@ from registry.crypto.stream import (
     ciphertext_size,
     decrypt_iter,
     decrypt_range,
-    encrypt_iter,
     segment_count,
 )
 from tests.support.tinkutil import tink_decrypt as _tink_decrypt
@@ -205,9 +204,9 @@ def test_header_comes_first_and_outputs_are_bounded():
         encryptor.finalize()
 
 
-def test_encrypt_iter_matches_size_and_decrypts():
+def test_encryptor_output_matches_size_and_decrypts():
     data = plaintext(FIRST + 10)
-    ct = b"".join(encrypt_iter(DEK, AD, [data[:7], data[7:]]))
+    ct = encrypt(data, chunks=[data[:7], data[7:]])[0]
     assert len(ct) == ciphertext_size(len(data))
     assert b"".join(decrypt_iter(DEK, AD, [ct])) == data
 
