@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -27,7 +27,7 @@ from registry.models import (
 )
 from registry.services import catalog, janitor
 from registry.services import uploads as svc
-from registry.services.artifacts import artifact_store_stream
+from registry.services.artifacts import artifact_upload
 from tests.conftest import s3_client
 from tests.support.objects import pattern_bytes, read_object
 
@@ -58,38 +58,21 @@ class Worker(threading.Thread):
         return self
 
 
-class GatedBody:
-    """A request body that stops after `gate_at` bytes until `release` is set."""
+class Gated:
+    """Chunks of a request body that stop after `gate_at` bytes until `release` is set."""
 
     def __init__(self, data: bytes, gate_at: int) -> None:
         self.data = data
         self.gate_at = gate_at
-        self.pos = 0
         self.reached = threading.Event()
         self.release = threading.Event()
 
-    def read(self, n: int) -> bytes:
-        if self.pos == self.gate_at and not self.release.is_set():
-            self.reached.set()
-            if not self.release.wait(WAIT):
-                raise OSError("the test never released the body")
-        end = self.pos + n
-        if self.pos < self.gate_at:
-            end = min(end, self.gate_at)
-        chunk = self.data[self.pos : end]
-        self.pos += len(chunk)
-        return chunk
-
-
-class Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def read(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += len(chunk)
-        return chunk
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data[: self.gate_at]
+        self.reached.set()
+        if not self.release.wait(WAIT):
+            raise OSError("the test never released the body")
+        yield self.data[self.gate_at :]
 
 
 def stored(settings) -> list[str]:
@@ -132,7 +115,7 @@ def fresh_version(version: ModelVersion) -> ModelVersion:
 
 
 def put_file(version, path: str, data: bytes, creator, **kwargs) -> Artifact:
-    return artifact_store_stream(
+    return artifact_upload(
         version=version,
         path=path,
         chunks=iter([data]),
@@ -179,7 +162,7 @@ def test_upload_still_streaming_when_submit_runs_is_refused_and_leaves_nothing(
         yield data[MIB + 1 :]
 
     upload = Worker(
-        lambda: artifact_store_stream(
+        lambda: artifact_upload(
             version=fresh_version(draft),
             path="late.bin",
             chunks=body(),
@@ -257,7 +240,7 @@ def test_two_concurrent_completes_make_one_artifact(actors, draft, store_kind, s
     session = open_session(draft, alice, size)
     for number in (1, 2, 3):
         chunk = data[(number - 1) * MIB : number * MIB]
-        svc.upload_part_put(session=session, number=number, body=Body(chunk), length=len(chunk))
+        svc.upload_part_put(session=session, number=number, chunks=[chunk], length=len(chunk))
     part_keys = set(UploadPart.objects.values_list("object_key", flat=True))
     assert len(part_keys) == 3
 
@@ -318,12 +301,14 @@ def test_part_resent_while_first_send_runs_keeps_the_last_registered(actors, dra
     first = pattern_bytes(MIB, seed=1)
     second = pattern_bytes(MIB, seed=2)
     session = open_session(draft, alice, size)
-    svc.upload_part_put(session=session, number=2, body=Body(tail), length=10)
+    svc.upload_part_put(session=session, number=2, chunks=[tail], length=10)
 
-    bodies = {"first": GatedBody(first, MIB // 2), "second": GatedBody(second, MIB // 3)}
+    bodies = {"first": Gated(first, MIB // 2), "second": Gated(second, MIB // 3)}
     sends = {
         name: Worker(
-            lambda b=body: svc.upload_part_put(session=fresh(session), number=1, body=b, length=MIB)
+            lambda b=body: svc.upload_part_put(
+                session=fresh(session), number=1, chunks=b, length=MIB
+            )
         )
         for name, body in bodies.items()
     }
@@ -361,8 +346,8 @@ def test_expired_session_refuses_parts_and_complete(actors, draft, settings):
     alice = actors.users["alice"]
     data = pattern_bytes(MIB + 10, seed=4)
     session = open_session(draft, alice, len(data))
-    svc.upload_part_put(session=session, number=1, body=Body(data[:MIB]), length=MIB)
-    svc.upload_part_put(session=session, number=2, body=Body(data[MIB:]), length=10)
+    svc.upload_part_put(session=session, number=1, chunks=[data[:MIB]], length=MIB)
+    svc.upload_part_put(session=session, number=2, chunks=[data[MIB:]], length=10)
     staged = stored(settings)
     assert len(staged) == 2
     UploadSession.objects.filter(pk=session.pk).update(
@@ -371,7 +356,7 @@ def test_expired_session_refuses_parts_and_complete(actors, draft, settings):
     session = fresh(session)
 
     with pytest.raises(Conflict) as resend:
-        svc.upload_part_put(session=session, number=1, body=Body(data[:MIB]), length=MIB)
+        svc.upload_part_put(session=session, number=1, chunks=[data[:MIB]], length=MIB)
     assert resend.value.status == 409 and resend.value.extra["state"] == "expired"
     with pytest.raises(Conflict) as complete:
         svc.upload_session_complete(session=session, creator=alice)
@@ -392,8 +377,8 @@ def test_expired_session_control_completes_when_not_expired(actors, draft, setti
     alice = actors.users["alice"]
     data = pattern_bytes(MIB + 10, seed=4)
     session = open_session(draft, alice, len(data))
-    svc.upload_part_put(session=session, number=1, body=Body(data[:MIB]), length=MIB)
-    svc.upload_part_put(session=session, number=2, body=Body(data[MIB:]), length=10)
+    svc.upload_part_put(session=session, number=1, chunks=[data[:MIB]], length=MIB)
+    svc.upload_part_put(session=session, number=2, chunks=[data[MIB:]], length=10)
     artifact = svc.upload_session_complete(session=fresh(session), creator=alice)
     assert artifact.sha256 == hashlib.sha256(data).hexdigest()
     assert stored(settings) == [artifact.object_key]
@@ -404,12 +389,12 @@ def test_part_after_abort_is_refused_and_stores_nothing(actors, draft, settings)
     alice = actors.users["alice"]
     data = pattern_bytes(MIB + 10, seed=5)
     session = open_session(draft, alice, len(data))
-    svc.upload_part_put(session=session, number=1, body=Body(data[:MIB]), length=MIB)
+    svc.upload_part_put(session=session, number=1, chunks=[data[:MIB]], length=MIB)
     svc.upload_session_abort(session=fresh(session))
     assert stored(settings) == []  # abort removed the staged part
 
     with pytest.raises(Conflict) as part:
-        svc.upload_part_put(session=fresh(session), number=2, body=Body(data[MIB:]), length=10)
+        svc.upload_part_put(session=fresh(session), number=2, chunks=[data[MIB:]], length=10)
     assert part.value.status == 409 and part.value.extra["state"] == UploadState.ABORTED
     with pytest.raises(Conflict):
         svc.upload_session_complete(session=fresh(session), creator=alice)
@@ -426,9 +411,9 @@ def test_part_whose_send_outlives_an_abort_is_discarded(actors, draft, settings)
     row lock would leave a part row (and its object) that nothing ever cleans up."""
     alice = actors.users["alice"]
     session = open_session(draft, alice, MIB + 10)
-    body = GatedBody(pattern_bytes(MIB, seed=6), MIB // 2)
+    body = Gated(pattern_bytes(MIB, seed=6), MIB // 2)
     send = Worker(
-        lambda: svc.upload_part_put(session=fresh(session), number=1, body=body, length=MIB)
+        lambda: svc.upload_part_put(session=fresh(session), number=1, chunks=body, length=MIB)
     )
     send.start()
     assert body.reached.wait(WAIT)
