@@ -19,6 +19,10 @@ class RegistryError(Exception):
         self.extra = extra
         super().__init__(self.message)
 
+    def response_headers(self) -> dict[str, str]:
+        """HTTP headers an error response should carry (none by default)."""
+        return {}
+
 
 class InvalidInput(RegistryError):
     code = "invalid_input"
@@ -105,3 +109,9 @@ class IntegrityFailure(RegistryError):
     code = "integrity_error"
     status = 502
     default_message = "A stored object failed its integrity check; the incident was recorded."
+
+
+class DatabaseUnavailable(RegistryError):
+    code = "database_unavailable"
+    status = 503
+    default_message = "The database is unavailable; nothing was changed. Retry later."
