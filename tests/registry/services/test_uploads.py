@@ -5,7 +5,9 @@ callback) blocks on a threading.Event at a chosen point while the other side run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from registry.models import (
 from registry.services import catalog, janitor
 from registry.services import uploads as svc
 from registry.services.artifacts import artifact_upload
-from tests.conftest import s3_client
+from tests.conftest import s3_client, use_kms
 from tests.support.objects import pattern_bytes, read_object
 
 MIB = 1 << 20
@@ -426,3 +428,105 @@ def test_part_whose_send_outlives_an_abort_is_discarded(actors, draft, settings)
     assert not UploadPart.objects.exists()
     assert stored(settings) == []
     assert not PendingObject.objects.exists()
+
+
+# --- A complete that loses the race while reading the staged parts -------------------------
+
+
+class GatedProxy:
+    """A TCP proxy whose client->server direction can be held shut: requests sent while the
+    gate is closed wait (and `held` is set) until it opens. Here it pauses a thread at a KMS
+    call, which is a point the service passes through at a known step."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if gated and not self.gate.is_set():
+                    self.held.set()
+                    self.gate.wait(WAIT)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.gate.set()
+        self.listener.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a complete that listed the parts before a concurrent complete discarded them reads "
+    "deleted part objects and fails with IntegrityFailure (502 integrity_error, 'a stored object "
+    "failed its integrity check') instead of a 409 Conflict",
+)
+def test_complete_losing_while_parts_are_discarded_is_a_conflict(
+    actors, draft, settings, moto_endpoint, kms_key_id
+):
+    """C1 has assembled and waits to register (the test holds the version row); C2 has listed
+    the parts and is paused at its KMS unwrap. C1 then wins and discards the staged parts; C2
+    resumes. The session was completed under it: the client should get a 409, not an alarm
+    about corrupted storage."""
+    proxy = GatedProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    use_kms(settings, f"http://127.0.0.1:{proxy.port}", kms_key_id)
+    alice = actors.users["alice"]
+    data = pattern_bytes(MIB + 10, seed=8)
+    session = open_session(draft, alice, len(data))
+    svc.upload_part_put(session=session, number=1, chunks=[data[:MIB]], length=MIB)
+    svc.upload_part_put(session=session, number=2, chunks=[data[MIB:]], length=10)
+
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_version_row():
+        with transaction.atomic():
+            ModelVersion.objects.select_for_update().get(pk=draft.pk)
+            locked.set()
+            assert release.wait(WAIT)
+
+    try:
+        holder = Worker(hold_version_row)
+        holder.start()
+        assert locked.wait(WAIT)
+        c1 = Worker(lambda: svc.upload_session_complete(session=fresh(session), creator=alice))
+        c1.start()
+        wait_for_lock_waiters(1)
+        proxy.gate.clear()
+        c2 = Worker(lambda: svc.upload_session_complete(session=fresh(session), creator=alice))
+        c2.start()
+        assert proxy.held.wait(WAIT)  # C2 listed the parts and waits on KMS
+        release.set()
+        holder.finish()
+        c1.finish()
+        assert c1.error is None, repr(c1.error)
+        proxy.gate.set()
+        c2.finish()
+    finally:
+        release.set()
+        proxy.close()
+
+    artifact = Artifact.objects.get()
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    # Whatever C2 answered, it left nothing behind.
+    assert stored(settings) == [artifact.object_key]
+    assert not PendingObject.objects.exists()
+    assert isinstance(c2.error, Conflict), repr(c2.error)
