@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/smr
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test bench lint install install-test services migrate clean
+.PHONY: run test bench lint install install-test services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,26 +25,29 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-migrate: install
-	$(BIN)/python manage.py migrate --no-input -v 0
-
 # Embedded defaults: SQLite in var/, objects in var/objects, a local keyring in var/keys.
-run: migrate
-	@$(BIN)/python manage.py demo_setup
+# demo_setup writes the secret key and the 0600 database file before migrating, and before
+# gunicorn and Celery start, so they all read one SECRET_KEY; umask 077 keeps var/ private.
+run: install
+	@umask 077 && $(BIN)/python manage.py demo_setup --migrate --base-url http://$(HOST):$(PORT)
 	@echo "Serving on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/api/docs/)"
 	HOST=$(HOST) PORT=$(PORT) exec deploy/run-embedded.sh
 
 services:
 	@bash .ci/services.sh
 
-test: install-test services
-	DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# Lint first: a style or type error fails the run before the slow part starts.
+test: lint services
+	DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest -q \
+	  --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 bench: install-test services
 	DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .coverage

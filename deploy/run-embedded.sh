@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # `make run`: gunicorn in the foreground, a Celery worker (with beat) beside it on the
-# filesystem broker; stopping one stops both.
+# filesystem broker; stopping one stops both. `manage.py demo_setup` has already written
+# var/ (the secret key both read, the broker folders, the database).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Objects, keys, the database's journal and the logs are for this user only.
+umask 077
 BIN=.venv/bin
-mkdir -p var/celery
+VAR="${SMR_VAR_DIR:-var}"
+mkdir -p "$VAR/celery"
 "$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning \
-  --schedule var/celery/beat-schedule >var/celery/worker.log 2>&1 &
+  --schedule "$VAR/celery/beat-schedule" >"$VAR/celery/worker.log" 2>&1 &
 worker=$!
 trap 'kill "$worker" 2>/dev/null || true' EXIT INT TERM
-echo "Celery worker (pid $worker) logs to var/celery/worker.log"
+echo "Celery worker (pid $worker) logs to $VAR/celery/worker.log"
 "$BIN/gunicorn" registry.wsgi:application -c deploy/gunicorn.conf.py --bind "${HOST:-127.0.0.1}:${PORT:-8000}"

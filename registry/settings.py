@@ -9,12 +9,20 @@ pointing at a file.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+from typing import overload
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+@overload
+def env(name: str, default: str) -> str: ...
+@overload
+def env(name: str, default: None = None) -> str | None: ...
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -50,21 +58,25 @@ DEBUG = env_bool("SMR_DEBUG", False)
 SMR_PRODUCTION = env_bool("SMR_PRODUCTION", False)
 VAR_DIR = Path(env("SMR_VAR_DIR", str(BASE_DIR / "var")))
 
+# Embedded mode keeps a per-install key here; `make run` (manage.py demo_setup) creates it
+# before starting gunicorn and Celery, so every process signs with the same key.
+EMBEDDED_SECRET_KEY_FILE = VAR_DIR / "secret_key"
+
 SECRET_KEY = env("SECRET_KEY")
 if not SECRET_KEY:
     if SMR_PRODUCTION:
         raise ImproperlyConfigured(
             "SECRET_KEY (or SECRET_KEY_FILE) is required when SMR_PRODUCTION=1"
         )
-    # Embedded mode: a per-install random key kept under var/, never committed.
-    _key_file = VAR_DIR / "secret_key"
-    if not _key_file.exists():
-        import secrets
-
-        _key_file.parent.mkdir(parents=True, exist_ok=True)
-        _key_file.write_text(secrets.token_urlsafe(50))
-        _key_file.chmod(0o600)
-    SECRET_KEY = _key_file.read_text().strip()
+    try:
+        SECRET_KEY = EMBEDDED_SECRET_KEY_FILE.read_text().strip()
+    except FileNotFoundError:
+        SECRET_KEY = ""
+    if not SECRET_KEY:
+        # Dev and tests only: a per-process key, never written anywhere (importing settings
+        # writes nothing). Sessions signed by one process fail in another; the prefix makes
+        # `check --deploy` refuse it (security.W009).
+        SECRET_KEY = "django-insecure-ephemeral-" + secrets.token_urlsafe(50)
 
 ALLOWED_HOSTS = [
     h.strip() for h in (env("ALLOWED_HOSTS", "127.0.0.1,localhost") or "").split(",") if h
@@ -198,12 +210,14 @@ if SMR_KEY_PROVIDER == "aws-kms" and not KMS_KEY_ID:
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL == "filesystem://":
-    # Embedded mode: a real worker with no broker server (kombu's filesystem transport).
-    _queue = VAR_DIR / "celery" / "queue"
-    _queue.mkdir(parents=True, exist_ok=True)
+    # Embedded mode: a real worker with no broker server (kombu's filesystem transport). The
+    # folders are created by demo_setup and by workers.app on first use, not here.
+    _celery_dir = VAR_DIR / "celery"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_queue),
-        "data_folder_out": str(_queue),
+        "data_folder_in": str(_celery_dir / "queue"),
+        "data_folder_out": str(_celery_dir / "queue"),
+        # kombu's default is ./control, relative to wherever the worker was started.
+        "control_folder": str(_celery_dir / "control"),
         "store_processed": False,
     }
 CELERY_TASK_ACKS_LATE = True
