@@ -49,13 +49,18 @@ def error_body(code: str, message: str, extra: dict | None = None) -> dict:
     return {"code": code, "message": message, "extra": extra or {}}
 
 
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    # An outage is not a bug: one line in the log, no traceback per request.
+    logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return DatabaseUnavailable()
+
+
 def as_registry_error(exc: BaseException) -> RegistryError | None:
     """The RegistryError that a framework or driver exception stands for, if any."""
     if isinstance(exc, RegistryError):
         return exc
     if isinstance(exc, DATABASE_DOWN):
-        logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
-        return DatabaseUnavailable()
+        return database_unavailable(exc)
     if isinstance(exc, RequestDataTooBig):
         return TooLarge(
             f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes. "

@@ -7,6 +7,7 @@ import uuid
 
 from django.conf import settings
 
+from api.errors import DATABASE_DOWN, database_unavailable, registry_error_response
 from registry.services import audit
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -25,9 +26,17 @@ class AuditContextMiddleware:
             client = forwarded.split(",")[0].strip()[:64] or client
         token = audit.context_begin(request_id=request_id, client_ip=client)
         try:
-            if getattr(request, "user", None) is not None and request.user.is_authenticated:
-                audit.context_set_actor(user=request.user.get_username())
-            response = self.get_response(request)
+            try:
+                # The first database query of a request with a session cookie happens here.
+                authenticated = (
+                    getattr(request, "user", None) is not None and request.user.is_authenticated
+                )
+            except DATABASE_DOWN as exc:
+                response = registry_error_response(database_unavailable(exc))
+            else:
+                if authenticated:
+                    audit.context_set_actor(user=request.user.get_username())
+                response = self.get_response(request)
         finally:
             # Streaming responses run after this returns; they captured what they need.
             audit.context_end(token)

@@ -3,6 +3,7 @@ from django.http import JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from api.errors import RETRY_AFTER
 from registry import storage
 
 
@@ -24,9 +25,12 @@ def readyz(request):
     except Exception as exc:
         checks["storage"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return JsonResponse(
+    response = JsonResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
     )
+    if not ok:
+        response["Retry-After"] = str(RETRY_AFTER)
+    return response
 
 
 urlpatterns = [

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
+import psycopg
 import pytest
+import requests
 
 from registry.services import audit
 from tests.conftest import FILES
 from tests.support.http import put
+from tests.support.netproxy import TcpProxy
+from tests.support.server import Server, database_url
 
 API = "/api/v1"
 BERT = f"{API}/namespaces/acme/models/bert"
@@ -215,3 +221,103 @@ def test_an_oversize_json_body_is_a_413(actors):
         f"{API}/namespaces", big, content_type="application/json"
     )
     error(response, 413, "too_large")
+
+
+# --- database outage -----------------------------------------------------------------------
+
+
+def assert_database_unavailable(response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "database_unavailable"
+    assert set(response.json()) == {"code", "message", "extra"}
+    assert int(response.headers["Retry-After"]) > 0
+
+
+@pytest.fixture
+def pg_proxy(transactional_db):
+    from django.db import connection
+
+    sd = connection.settings_dict
+    with TcpProxy(sd["HOST"] or "127.0.0.1", int(sd["PORT"] or 5432)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def server(pg_proxy, tmp_path):
+    """The registry under gunicorn, reaching PostgreSQL only through the proxy."""
+    from django.db import connection
+
+    url = database_url(connection.settings_dict, host="127.0.0.1", port=pg_proxy.port)
+    # One thread, so one pooled connection: every request below meets the same database link.
+    with Server(tmp_path, {"DATABASE_URL": url, "DB_CONN_MAX_AGE": "60"}, threads=1) as running:
+        yield running
+
+
+def lock_waiters() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0]
+
+
+def test_a_database_outage_is_a_503_with_retry_after(pg_proxy, server, actors):
+    from django.db import connection
+
+    auth = {"Authorization": f"Bearer {actors.tokens['alice']}"}
+    namespaces = f"{server.url}/api/v1/namespaces"
+    assert requests.get(namespaces, headers=auth, timeout=30).status_code == 200
+    assert requests.get(f"{server.url}/readyz", timeout=30).status_code == 200
+
+    # Cut in mid-request: the server's query waits on a table lock inside PostgreSQL when the
+    # link goes down.
+    with psycopg.connect(database_url(connection.settings_dict)) as locker:
+        locker.execute("LOCK TABLE registry_namespace IN ACCESS EXCLUSIVE MODE")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.get, namespaces, headers=auth, timeout=60)
+            deadline = time.monotonic() + 30
+            while not lock_waiters():
+                assert time.monotonic() < deadline, server.tail()
+                time.sleep(0.05)
+            pg_proxy.cut()
+            in_flight = pending.result()
+        locker.rollback()
+    assert_database_unavailable(in_flight)
+
+    # Down: new connections are refused, in DRF views and below them (the session lookup
+    # runs in middleware, before any view).
+    assert_database_unavailable(requests.get(namespaces, headers=auth, timeout=30))
+    model = f"{namespaces}/acme/models"
+    assert_database_unavailable(requests.post(model, json={"name": "m"}, headers=auth, timeout=30))
+    assert_database_unavailable(
+        requests.get(f"{server.url}/healthz", cookies={"sessionid": "x" * 32}, timeout=30)
+    )
+    ready = requests.get(f"{server.url}/readyz", timeout=30)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] != "ok"
+    assert ready.json()["checks"]["storage"] == "ok"
+    assert int(ready.headers["Retry-After"]) > 0
+    assert "Traceback" not in server.tail(200)
+
+    pg_proxy.restore()
+    assert requests.get(namespaces, headers=auth, timeout=30).status_code == 200
+    ready = requests.get(f"{server.url}/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "storage": "ok"}
+
+
+def test_the_outage_middleware_answers_for_views_outside_drf(rf):
+    from django.db import OperationalError
+
+    from api.errors import OutageMiddleware
+
+    middleware = OutageMiddleware(lambda request: None)
+    response = middleware.process_exception(rf.get("/"), OperationalError("server closed"))
+    assert response.status_code == 503
+    assert json.loads(response.content)["code"] == "database_unavailable"
+    assert int(response["Retry-After"]) > 0
+    # Control: anything else is left to Django's own handling.
+    assert middleware.process_exception(rf.get("/"), KeyError("x")) is None
