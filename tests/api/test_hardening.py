@@ -321,3 +321,46 @@ def test_the_outage_middleware_answers_for_views_outside_drf(rf):
     assert int(response["Retry-After"]) > 0
     # Control: anything else is left to Django's own handling.
     assert middleware.process_exception(rf.get("/"), KeyError("x")) is None
+
+
+# --- OpenAPI -------------------------------------------------------------------------------
+
+
+def openapi() -> dict:
+    from rest_framework.test import APIClient
+
+    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    return json.loads(response.content)
+
+
+def test_every_operation_documents_its_error_responses(db):
+    schema = openapi()
+    error_schema = schema["components"]["schemas"]["Error"]
+    assert set(error_schema["required"]) == {"code", "message", "extra"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"400", "503"} <= set(responses), (method, path)
+            assert "Retry-After" in responses["503"]["headers"]
+            for status, response in responses.items():
+                if status[0] in "45":
+                    body = response["content"]["application/json"]["schema"]
+                    assert body == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+    def statuses(path: str, method: str) -> set[str]:
+        return set(schema["paths"][f"{API}{path}"][method]["responses"])
+
+    assert {"401", "403"} <= statuses("/namespaces", "get")
+    assert "404" not in statuses("/namespaces", "get")
+    assert {"409", "413", "415"} <= statuses("/namespaces", "post")
+    assert "404" in statuses("/namespaces/{ns}", "get")
+    file = "/namespaces/{ns}/models/{model}/versions/{number}/files/{path}"
+    assert "416" in statuses(file, "get")
+    assert "411" in statuses(file, "put")
+    assert "401" not in statuses("/audit/checkpoint-key", "get")  # public
+
+
+def test_the_schema_validates_without_warnings(db, tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "s.yaml"))
