@@ -76,12 +76,12 @@ class MerkleAccumulator:
         self._stack.append(node)
         self.size += 1
 
-    def frontier(self) -> list[list]:
+    def frontier(self) -> list[list[Any]]:
         """The perfect-subtree roots as [[size, hex], ...]: enough to continue the tree later."""
         return [[size, h.hex()] for size, h in self._stack]
 
     @classmethod
-    def restore(cls, frontier: list[list]) -> MerkleAccumulator:
+    def restore(cls, frontier: list[list[Any]]) -> MerkleAccumulator:
         acc = cls()
         sizes = [int(size) for size, _h in frontier]
         if any(s <= 0 or s & (s - 1) for s in sizes) or sizes != sorted(sizes, reverse=True):

@@ -34,7 +34,8 @@ def local_keyring() -> LocalKeyring:
 @functools.cache
 def kms_provider(key_id: str | None = None) -> AwsKmsKeyProvider:
     return AwsKmsKeyProvider(
-        key_id or settings.KMS_KEY_ID,
+        # An empty id makes the provider raise its own "needs a KMS key id" error.
+        key_id or settings.KMS_KEY_ID or "",
         endpoint_url=settings.KMS_ENDPOINT_URL,
         region=settings.KMS_REGION,
     )
@@ -94,10 +95,10 @@ def audit_signing_key() -> Ed25519PrivateKey:
         finally:
             os.unlink(tmp)
         logger.warning("generated an embedded audit signing key at %s; back it up", path)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise RuntimeError(f"{path} is not an Ed25519 private key")
-    return key
+    return loaded
 
 
 def audit_public_key_pem() -> str:

@@ -550,7 +550,8 @@ class AwsKmsKeyProvider(KeyProvider):
             # silently decrypting with whatever key the blob names.
             KeyId=self._own_key_id(wrapped.kek_id),
         )
-        return resp["Plaintext"]
+        plaintext: bytes = resp["Plaintext"]
+        return plaintext
 
     def rewrap(
         self, wrapped: WrappedKey, context: Mapping[str, str], *, to_kek_id: str | None = None

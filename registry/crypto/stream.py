@@ -167,7 +167,9 @@ def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     return view
 
 
-def _open_header(dek: bytes, associated_data: bytes, header: bytes) -> tuple[AESGCM, bytes]:
+def _open_header(
+    dek: bytes, associated_data: bytes, header: bytes | bytearray
+) -> tuple[AESGCM, bytes]:
     if len(header) != HEADER_SIZE:
         raise StreamIntegrityError(f"header: got {len(header)} bytes, expected {HEADER_SIZE}")
     if header[0] != HEADER_SIZE:

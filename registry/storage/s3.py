@@ -190,7 +190,7 @@ class _S3Writer(WriterBase):
         With block_until=n, wait until at most n parts are still in flight.
         """
         while self._inflight:
-            done = [f for f in self._inflight if f.done()]
+            done: set[Future[dict[str, Any]]] = {f for f in self._inflight if f.done()}
             if not done:
                 if block_until is None or len(self._inflight) <= block_until:
                     return

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.management.base import BaseCommand, CommandError
 
 from registry.services import audit
@@ -8,7 +10,7 @@ from registry.services import audit
 class Command(BaseCommand):
     help = "Sign a checkpoint of the audit log now (the worker also does this periodically)."
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         audit.context_set_system("manage.py audit_checkpoint")
         try:
             checkpoint = audit.audit_checkpoint_create()

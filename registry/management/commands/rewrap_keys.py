@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from registry import keyconfig
 from registry.crypto.keys import KeyProvider
@@ -13,7 +15,7 @@ class Command(BaseCommand):
         "the database change; stored objects are not read or rewritten."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         target = parser.add_mutually_exclusive_group(required=True)
         target.add_argument(
             "--new-local-key",
@@ -27,7 +29,7 @@ class Command(BaseCommand):
             "--to-kms-key", metavar="KEY_ID", help="move to this AWS KMS key (id, ARN or alias)"
         )
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         target: KeyProvider
         if opts["new_local_key"]:
             ring = keyconfig.local_keyring()

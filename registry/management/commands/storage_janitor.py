@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from registry.services.janitor import objects_cleanup, uploads_expire
 
@@ -10,7 +11,7 @@ from registry.services.janitor import objects_cleanup, uploads_expire
 class Command(BaseCommand):
     help = "Abort expired upload sessions and delete objects left behind by failed writes."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--older-than",
             type=int,
@@ -18,7 +19,7 @@ class Command(BaseCommand):
             help="seconds a pending object must have waited (protects uploads in flight)",
         )
 
-    def handle(self, *args, older_than: int, **opts):
+    def handle(self, *args: Any, older_than: int, **opts: Any) -> None:
         expired = uploads_expire()
         cleaned, left = objects_cleanup(older_than=timedelta(seconds=older_than))
         self.stdout.write(

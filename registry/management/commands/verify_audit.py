@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from registry.services import audit
 
@@ -14,10 +15,10 @@ class Command(BaseCommand):
         "(GAP, HASH, LINK, TRUNCATED, REWRITTEN, BADSIG)."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    def handle(self, *args, **opts):
+    def handle(self, *args: Any, **opts: Any) -> None:
         report = audit.audit_verify()
         first = report.first
         if opts["json"]:

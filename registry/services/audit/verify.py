@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import json
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -143,7 +145,11 @@ def audit_verify(*, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
         "target", "target_sha256", "request_id", "client_ip", "outcome", "details",
         "canonical", "prev_hash", "entry_hash",
     )  # fmt: skip
-    rows = AuditEvent.objects.order_by("seq").values_list(*columns).iterator(chunk_size=5000)
+    # iterator() returns a generator (the stubs say Iterator): closed explicitly below.
+    rows = cast(
+        Generator[tuple[Any, ...], None, None],
+        AuditEvent.objects.order_by("seq").values_list(*columns).iterator(chunk_size=5000),
+    )
     expected, prev, acc = 1, GENESIS, MerkleAccumulator()
     for row in rows:
         seq = row[0]
