@@ -224,13 +224,6 @@ class LocalKeyring(KeyProvider):
             raise
         return tmp
 
-    def _fsync_dir(self) -> None:
-        # Without this a crash right after the rename can lose the new directory entry, i.e. a
-        # freshly generated key that may already have wrapped DEKs. Best effort: the key file
-        # itself is already fsynced, and some mounts refuse to fsync a directory.
-        with contextlib.suppress(OSError):
-            fsync_dir(self.path.parent)
-
     def _create(self) -> None:
         parent = self.path.parent
         if not parent.exists():
@@ -248,7 +241,11 @@ class LocalKeyring(KeyProvider):
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        self._fsync_dir()
+        # A crash right after the link could lose the new entry, i.e. a freshly generated key
+        # that may already have wrapped DEKs. Best effort: the file itself is fsynced, and some
+        # mounts refuse to fsync a directory.
+        with contextlib.suppress(OSError):
+            fsync_dir(self.path.parent)
         msg = (
             f"Generated a new embedded keyring at {self.path}. It is the only copy of the keys "
             "that protect every stored artifact: back it up, or configure a mounted keyring or "
@@ -344,7 +341,8 @@ class LocalKeyring(KeyProvider):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            self._fsync_dir()
+            with contextlib.suppress(OSError):  # best effort, as in _create
+                fsync_dir(self.path.parent)
             self._load()
         logger.info("keyring %s: new primary key %s", self.path, new_id)
         return f"{self.scheme}:{new_id}"
