@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterator
 from itertools import chain
+from urllib.parse import quote
 
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -118,9 +119,18 @@ def file_headers(response: HttpResponse, artifact: Artifact) -> None:
     response["ETag"] = f'"{artifact.sha256}"'
     response["Repr-Digest"] = digest_header(artifact.sha256)
     response["Content-Type"] = "application/octet-stream"
-    filename = artifact.path.rsplit("/", 1)[-1].replace('"', "")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Content-Disposition"] = content_disposition(artifact.path.rsplit("/", 1)[-1])
     response["Cache-Control"] = "private, no-store"
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with an ASCII fallback name and, for other names, RFC 6266 filename*."""
+    # No '%' in the fallback either: some clients percent-decode it (RFC 6266 appendix D).
+    fallback = "".join(c if " " <= c < "\x7f" and c not in '"\\%' else "_" for c in filename)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != filename:
+        value += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return value
 
 
 class FileView(APIView):

@@ -10,9 +10,14 @@ import uuid
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
 
-NAMESPACE_NAME_RE = r"^[a-z0-9](?:[a-z0-9-]{0,62})$"
-MODEL_NAME_RE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,127})$"
+from registry.paths import validate_visible_text
+
+# \Z, not $: '$' also matches before a trailing newline, which let "bert\n" through.
+NAMESPACE_NAME_RE = r"^[a-z0-9](?:[a-z0-9-]{0,62})\Z"
+MODEL_NAME_RE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,127})\Z"
 
 
 class Role(models.TextChoices):
@@ -27,13 +32,22 @@ class Namespace(models.Model):
     name = models.CharField(
         max_length=63,
         unique=True,
-        validators=[RegexValidator(NAMESPACE_NAME_RE, "lowercase letters, digits and '-'")],
+        validators=[
+            validate_visible_text,
+            RegexValidator(NAMESPACE_NAME_RE, "lowercase letters, digits and '-'"),
+        ],
     )
     description = models.TextField(blank=True, default="")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # Names are lowercase by rule; this keeps rows written around the rule from clashing.
+            models.UniqueConstraint(Lower("name"), name="namespace_unique_name_ci"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -63,7 +77,10 @@ class RegisteredModel(models.Model):
     namespace = models.ForeignKey(Namespace, on_delete=models.PROTECT, related_name="models")
     name = models.CharField(
         max_length=128,
-        validators=[RegexValidator(MODEL_NAME_RE, "letters, digits, '.', '_' and '-'")],
+        validators=[
+            validate_visible_text,
+            RegexValidator(MODEL_NAME_RE, "letters, digits, '.', '_' and '-'"),
+        ],
     )
     description = models.TextField(blank=True, default="")
     created_by = models.ForeignKey(
@@ -71,14 +88,41 @@ class RegisteredModel(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The highest version number ever given under this name, carried over from a deleted
+    # model of the same name (ModelTombstone): numbers are never handed out twice.
+    last_version_number = models.PositiveIntegerField(default=0)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["namespace", "name"], name="model_unique_name")
+            # `BERT` and `bert` would be one model to a person, and lookups ignore case.
+            models.UniqueConstraint(Lower("name"), "namespace", name="model_unique_name_ci")
         ]
 
     def __str__(self) -> str:
         return self.name
+
+
+class ModelTombstone(models.Model):
+    """What remains of a deleted model: its name and the last version number it reached.
+
+    A model created again under the name (in any letter case) numbers its versions after
+    that, so a pinned `.../versions/N` URL never comes to serve other bytes.
+    """
+
+    namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=128)
+    last_version_number = models.PositiveIntegerField()
+    deleted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                Lower("name"), "namespace", name="model_tombstone_unique_name_ci"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (deleted after v{self.last_version_number})"
 
 
 class VersionState(models.TextChoices):

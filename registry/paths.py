@@ -8,9 +8,10 @@ filesystem or best-fit code page reads as '.' or '..', and segment ends Windows 
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
-from django.http import HttpRequest
+from django.core.exceptions import ValidationError
 
 from registry.errors import InvalidPath
 
@@ -24,6 +25,11 @@ _REPLACEMENT = "\ufffd"
 # Best-fit code pages and some clients turn these into '/' or '\' (the "WorstFit" family).
 _SLASH_LOOKALIKES = set("\uff0f\uff3c\u2215\u2216\u2044\u29f8\u29f9\ufe68\u2571\u2572")
 _DOT_WORDS = ("FULL STOP", "DOT", "ELLIPSIS", "TELEIA")
+# Django's WSGI handler turns URL bytes that are not UTF-8 into the text '%FF' (uppercase
+# escapes of bytes 80-FF), and the original bytes are gone by the time a view runs. Refusing
+# such escapes in every path keeps `.../files/%ff` from naming a file literally called '%FF',
+# on any server, and keeps paths uploaded by JSON reachable by URL.
+_HIGH_BYTE_ESCAPE = re.compile(r"%[89A-Fa-f][0-9A-Fa-f]")
 
 
 def _dot_like(char: str) -> bool:
@@ -34,6 +40,16 @@ def _dot_like(char: str) -> bool:
         return False  # letters with a dot (i, ż) are fine
     name = unicodedata.name(char, "")
     return any(word in name for word in _DOT_WORDS)
+
+
+def validate_visible_text(text: str) -> None:
+    """Django validator: refuse control, bidi, zero-width and line-separator characters."""
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in text):
+        raise ValidationError(
+            "Contains a control or invisible formatting character (newline, bidi override, "
+            "zero-width space, ...).",
+            code="invisible_character",
+        )
 
 
 def validate_artifact_path(path: str) -> str:
@@ -50,6 +66,12 @@ def validate_artifact_path(path: str) -> str:
         raise InvalidPath(
             "The path contains a control or invisible formatting character (NUL, newline, "
             "bidi override, zero-width space, line separator, ...)."
+        )
+    if _HIGH_BYTE_ESCAPE.search(path):
+        raise InvalidPath(
+            "The path is not valid UTF-8, or holds a percent-escape of a non-ASCII byte "
+            "(%80-%FF). Send the UTF-8 bytes of the name percent-encoded once.",
+            path=path,
         )
     if _REPLACEMENT in path:
         raise InvalidPath("The path contains U+FFFD: it was not decoded correctly.", path=path)
@@ -76,23 +98,3 @@ def validate_artifact_path(path: str) -> str:
                 path=path,
             )
     return path
-
-
-def validate_raw_request_path(request: HttpRequest) -> None:
-    """Raise InvalidPath if the request's URL path did not decode to UTF-8.
-
-    Django re-quotes bytes that are not UTF-8 (`%ff` arrives as the text '%FF'), which would
-    make such a request name a different, literal file. The WSGI environ still holds the
-    bytes the server decoded, as latin-1 text, so check those. ASGI requests carry no environ
-    (their servers decode the path themselves) and are left to validate_artifact_path.
-    """
-    environ = getattr(request, "environ", None)
-    raw = environ.get("PATH_INFO") if environ else None
-    if not raw:
-        return
-    try:
-        raw.encode("latin-1").decode("utf-8")
-    except UnicodeEncodeError:
-        return  # already decoded text, not WSGI bytes
-    except UnicodeDecodeError as exc:
-        raise InvalidPath("The URL path is not valid UTF-8; percent-encode UTF-8 bytes.") from exc

@@ -53,7 +53,13 @@ def namespace_list_for_user(principal: Principal) -> QuerySet[Namespace]:
 
 def namespace_get_for_user(principal: Principal, name: str, action: Action) -> Namespace:
     # PostgreSQL refuses NUL in text parameters (a DataError, i.e. a 500); no name holds one.
-    namespace = None if "\x00" in name else Namespace.objects.filter(name=name).first()
+    # Names are ASCII and unique ignoring case, so lookups ignore case too (`ACME` is `acme`).
+    # Non-ASCII input never names anything; it must not reach UPPER() (U+017F upper-cases to 'S').
+    namespace = (
+        Namespace.objects.filter(name__iexact=name).first()
+        if "\x00" not in name and name.isascii()
+        else None
+    )
     if namespace is None:
         raise NotFound(f"Namespace {name!r} not found, or you are not a member.")
     _require(principal, namespace, action)
@@ -64,12 +70,12 @@ def model_get_for_user(
     principal: Principal, namespace: str, model: str, action: Action
 ) -> RegisteredModel:
     ns = namespace_get_for_user(principal, namespace, action)
-    obj = (
-        None
-        if "\x00" in model
-        else RegisteredModel.objects.filter(namespace=ns, name=model)
+    obj = (  # case-insensitive, as for namespaces
+        RegisteredModel.objects.filter(namespace=ns, name__iexact=model)
         .select_related("namespace")
         .first()
+        if "\x00" not in model and model.isascii()
+        else None
     )
     if obj is None:
         raise NotFound(f"Model {namespace}/{model} not found.")

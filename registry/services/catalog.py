@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from registry.errors import AlreadyExists, Conflict, InvalidInput, NotFound, VersionNotDraft
@@ -14,6 +16,7 @@ from registry.models import (
     Artifact,
     AuditAction,
     Membership,
+    ModelTombstone,
     ModelVersion,
     Namespace,
     PendingObject,
@@ -34,6 +37,7 @@ def _validate(obj, *, exclude: list[str] | None = None) -> None:
 
 def namespace_create(*, name: str, description: str = "", creator: AbstractBaseUser) -> Namespace:
     """Create a namespace; its creator becomes its first admin."""
+    name = unicodedata.normalize("NFC", name)
     namespace = Namespace(name=name, description=description, created_by=creator)
     _validate(namespace, exclude=["created_by"])
     try:
@@ -128,6 +132,12 @@ def _ensure_admin_remains(
 def model_create(
     *, namespace: Namespace, name: str, description: str = "", creator: AbstractBaseUser
 ) -> RegisteredModel:
+    """Create a model in `namespace` (names are unique within it, ignoring case).
+
+    A name that belonged to a deleted model may be used again; its version numbers continue
+    after the last one the deleted model reached, so no `.../versions/N` is ever reused.
+    """
+    name = unicodedata.normalize("NFC", name)
     model = RegisteredModel(
         namespace=namespace, name=name, description=description, created_by=creator
     )
@@ -135,10 +145,21 @@ def model_create(
     try:
         with transaction.atomic():
             model.save()
+            # Read after the insert: an insert of a name whose model is being deleted waits
+            # on the unique index until that delete commits, so its tombstone is visible here.
+            tombstone = (
+                ModelTombstone.objects.alias(lower_name=Lower("name"))
+                .filter(namespace=namespace, lower_name=name.lower())
+                .first()
+            )
+            if tombstone is not None:
+                model.last_version_number = tombstone.last_version_number
+                model.save(update_fields=["last_version_number"])
             audit_record(
                 action=AuditAction.MODEL_CREATE,
                 namespace=namespace.name,
                 target=f"{namespace.name}/{name}",
+                details={"last_version_number": model.last_version_number},
             )
     except IntegrityError as exc:
         raise AlreadyExists(f"Model {namespace.name}/{name} already exists.") from exc
@@ -166,7 +187,12 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
     bytes are removed after commit (by the caller) or later by the janitor, never orphaned.
     """
     with transaction.atomic():
-        # Lock the versions first: an upload registering a file waits on its version row, so it
+        # The model row first: version_create holds it while numbering, so no version appears
+        # behind this delete and last_version_number is final. A second delete finds nothing.
+        locked = RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
+        if locked is None:
+            raise NotFound(f"Model {model.namespace.name}/{model.name} not found.")
+        # Then the versions: an upload registering a file waits on its version row, so it
         # either lands before this delete (and its object is queued below) or finds no version.
         list(ModelVersion.objects.select_for_update().filter(model=model).values_list("pk"))
         keys = list(
@@ -188,6 +214,19 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
             target=f"{model.namespace.name}/{model.name}",
             details={"objects_deleted": len(keys)},
         )
+        # The tombstone keeps the name's version numbers from ever being handed out again.
+        tombstone = (
+            ModelTombstone.objects.select_for_update()
+            .alias(lower_name=Lower("name"))
+            .filter(namespace_id=model.namespace_id, lower_name=model.name.lower())
+            .first()
+        ) or ModelTombstone(namespace_id=model.namespace_id, last_version_number=0)
+        tombstone.name = model.name
+        tombstone.last_version_number = max(
+            tombstone.last_version_number, locked.last_version_number
+        )
+        tombstone.deleted_at = timezone.now()
+        tombstone.save()
         model.delete()
     return keys
 
@@ -195,14 +234,23 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
 def version_create(
     *, model: RegisteredModel, description: str = "", creator: AbstractBaseUser
 ) -> ModelVersion:
-    """Create the next version number of `model` as a draft."""
+    """Create the next version number of `model` as a draft.
+
+    Numbers count up from the highest ever given under the model's name, including by a
+    deleted model of that name: a version number, once used, never names other bytes.
+    """
     with transaction.atomic():
-        # Locking the model row serialises concurrent creators: numbers are 1, 2, 3, ... no gaps.
-        RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
-        last = ModelVersion.objects.filter(model=model).aggregate(n=Max("number"))["n"] or 0
+        # Locking the model row serialises concurrent creators (no duplicate, no gap) and
+        # orders this against model_delete.
+        locked = RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
+        if locked is None:
+            raise NotFound(f"Model {model.namespace.name}/{model.name} not found.")
+        number = locked.last_version_number + 1
         version = ModelVersion.objects.create(
-            model=model, number=last + 1, description=description, created_by=creator
+            model=model, number=number, description=description, created_by=creator
         )
+        RegisteredModel.objects.filter(pk=model.pk).update(last_version_number=number)
+        model.last_version_number = number
         audit_record(
             action=AuditAction.VERSION_CREATE,
             namespace=model.namespace.name,
