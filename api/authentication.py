@@ -3,13 +3,12 @@ from __future__ import annotations
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from registry.models import AuditAction, AuditOutcome
-from registry.services import audit
 from registry.services.tokens import token_authenticate
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):
-    """`Authorization: Bearer smr_...` personal access tokens."""
+    """`Authorization: Bearer smr_...` personal access tokens (checked and audited by the
+    tokens service)."""
 
     keyword = "Bearer"
 
@@ -20,18 +19,9 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         scheme, _, raw = header.partition(" ")
         if scheme.lower() != "bearer":
             return None
-        raw = raw.strip()
-        if not raw or " " in raw:
-            audit.audit_record_now(
-                action=AuditAction.AUTH_FAILED,
-                outcome=AuditOutcome.FAILURE,
-                details={"method": "bearer", "reason": "malformed"},
-            )
-            raise exceptions.AuthenticationFailed("Malformed bearer token header.")
         token = token_authenticate(raw)
         if token is None:
-            raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
-        audit.context_set_actor(user=token.user.get_username(), token=token.key_id)
+            raise exceptions.AuthenticationFailed("Invalid, expired, revoked or malformed token.")
         return token.user, token
 
     def authenticate_header(self, request) -> str:

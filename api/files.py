@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import re
 from collections.abc import Iterator
-from itertools import chain
 from urllib.parse import quote
 
 from django.http import HttpResponse, StreamingHttpResponse
@@ -29,14 +27,27 @@ from api.serializers import ArtifactOut, UploadIn, UploadOut
 from api.views import ListView, parse, principal_of
 from registry import selectors
 from registry.access import Action
-from registry.errors import InvalidInput, LengthRequired, PermissionDenied, RangeNotSatisfiable
-from registry.models import Artifact, AuditAction, AuditOutcome
-from registry.paths import validate_artifact_path
-from registry.services import artifacts, audit, uploads
+from registry.errors import (
+    DigestMismatch,
+    IncompleteBody,
+    InvalidInput,
+    LengthRequired,
+    RangeNotSatisfiable,
+    TooLarge,
+    UnsupportedDigest,
+)
+from registry.models import Artifact
+from registry.services import artifacts, uploads
 
-logger = logging.getLogger(__name__)
-
-RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 18 digits a side: every real offset fits, and Python's int() never meets a
+# thousands-of-digits string (ValueError past its conversion limit). Longer is "malformed",
+# and a malformed Range is ignored (RFC 9110 14.2).
+RANGE_RE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+# One segment's worth per read: big enough to amortise per-call costs, small enough that
+# gunicorn's body reader does not assemble (copy) large buffers.
+READ_CHUNK = 1 << 20
+DIGEST_ALGORITHMS = ("sha-256",)
+CONTENT_LENGTH_RE = re.compile(r"^[0-9]+$")
 
 
 class JSONErrorsOnly(BaseContentNegotiation):
@@ -55,22 +66,45 @@ def content_length(request: Request) -> int:
         if request.META.get("HTTP_TRANSFER_ENCODING"):
             raise LengthRequired("Chunked uploads are not supported; send Content-Length.")
         return 0  # RFC 9112 6.3: no Content-Length and no Transfer-Encoding means an empty body
-    if not raw.isdigit():
+    if not CONTENT_LENGTH_RE.match(raw):
         raise InvalidInput("Content-Length must be a non-negative integer.")
+    if len(raw) > 18:  # beyond any size we accept; keeps int() away from huge digit strings
+        raise TooLarge()
     return int(raw)
 
 
+def body_chunks(request: Request, length: int) -> Iterator[bytes]:
+    """Yield exactly `length` bytes of the raw request body, or raise IncompleteBody."""
+    body = request.stream  # the WSGI input (DRF never parsed it); None for an empty body
+    remaining = length
+    while remaining > 0:
+        try:
+            chunk = body.read(min(READ_CHUNK, remaining)) if body is not None else b""
+        except (OSError, ValueError) as exc:  # client went away mid-body
+            raise IncompleteBody(received=length - remaining, expected=length) from exc
+        if not chunk:
+            raise IncompleteBody(received=length - remaining, expected=length)
+        remaining -= len(chunk)
+        yield chunk
+
+
 def content_digest_sha256(request: Request) -> str | None:
-    """The sha-256 member of an RFC 9530 Content-Digest header, as hex, if present."""
+    """The SHA-256 an RFC 9530 Content-Digest header claims, as hex, or None without one.
+
+    Every member of an algorithm we check must be well formed and agree; unknown algorithms
+    are ignored, but a header naming none we check is refused (400 with Want-Content-Digest),
+    since silently storing bytes the client wanted verified would defeat its purpose.
+    """
     header = request.META.get("HTTP_CONTENT_DIGEST")
-    if not header:
+    if header is None:
         return None
+    claimed: set[str] = set()
     for member in header.split(","):
         name, _, value = member.strip().partition("=")
-        if name.strip().lower() != "sha-256":
+        if name.strip().lower() not in DIGEST_ALGORITHMS:
             continue
         value = value.strip()
-        if not (value.startswith(":") and value.endswith(":")):
+        if not (len(value) >= 2 and value.startswith(":") and value.endswith(":")):
             raise InvalidInput("Content-Digest sha-256 must be a byte sequence: sha-256=:BASE64:")
         try:
             digest = base64.b64decode(value[1:-1], validate=True)
@@ -78,8 +112,15 @@ def content_digest_sha256(request: Request) -> str | None:
             raise InvalidInput("Content-Digest sha-256 is not valid base64.") from exc
         if len(digest) != 32:
             raise InvalidInput("Content-Digest sha-256 must decode to 32 bytes.")
-        return digest.hex()
-    return None
+        claimed.add(digest.hex())
+    if not claimed:
+        raise UnsupportedDigest(supported=list(DIGEST_ALGORITHMS))
+    if len(claimed) > 1:
+        raise DigestMismatch(
+            "Content-Digest holds two different sha-256 values; nothing was stored.",
+            claimed=sorted(claimed),
+        )
+    return claimed.pop()
 
 
 def digest_header(sha256_hex: str) -> str:
@@ -114,6 +155,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def range_applies(request: Request, artifact: Artifact) -> bool:
+    """RFC 9110 13.1.5: with If-Range, serve the range only if the file is still the one the
+    client has (strong ETag match); otherwise the whole file, so a resumed download can never
+    splice two different files. We send no Last-Modified, so a date never matches."""
+    if_range = request.META.get("HTTP_IF_RANGE")
+    return if_range is None or if_range.strip() == f'"{artifact.sha256}"'
+
+
 def file_headers(response: HttpResponse, artifact: Artifact) -> None:
     response["Accept-Ranges"] = "bytes"
     response["ETag"] = f'"{artifact.sha256}"'
@@ -146,19 +195,16 @@ class FileView(APIView):
         "optionally an RFC 9530 Content-Digest: sha-256=:BASE64: which is verified.",
     )
     def put(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
-        validate_artifact_path(path)
         version = selectors.version_get_for_user(
-            principal_of(request), ns, model, number, Action.WRITE
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            action=Action.WRITE,
         )
-        artifacts.ensure_draft(version)
         length = content_length(request)
-        artifacts.check_size(length)
-        expected = content_digest_sha256(request)
-        artifact = artifacts.artifact_store_stream(
+        artifact = artifacts.artifact_upload(
             version=version,
             path=path,
-            chunks=artifacts.read_body(request._request, length),
-            expected_sha256=expected,
+            chunks=body_chunks(request, length),
+            expected_sha256=content_digest_sha256(request),
             expected_size=length,
             creator=request.user,
         )
@@ -167,30 +213,22 @@ class FileView(APIView):
         return response
 
     def _artifact(self, request: Request, ns: str, model: str, number: int, path: str) -> Artifact:
-        validate_artifact_path(path)
-        try:
-            return selectors.artifact_get_for_user(
-                principal_of(request), ns, model, number, path, Action.DOWNLOAD
-            )
-        except PermissionDenied as exc:
-            # A member asking for bytes their role forbids (auditor, viewer on a draft).
-            audit.audit_record_now(
-                action=AuditAction.ACCESS_DENIED,
-                outcome=AuditOutcome.DENIED,
-                namespace=ns,
-                target=f"{ns}/{model}/v{number}/{path}",
-                details={"operation": "download", "reason": exc.message},
-            )
-            raise
+        return selectors.artifact_get_for_user(
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            path=path, action=Action.DOWNLOAD,
+        )
 
     @extend_schema(
         responses={
             (200, "application/octet-stream"): OpenApiTypes.BINARY,
             206: OpenApiTypes.BINARY,
         },
-        parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False)],
-        description="Stream the decrypted file. Supports a single `Range: bytes=...`; every "
-        "byte sent has been authenticated.",
+        parameters=[
+            OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False),
+            OpenApiParameter("If-Range", str, OpenApiParameter.HEADER, required=False),
+        ],
+        description="Stream the decrypted file. Supports a single `Range: bytes=...` (with "
+        "`If-Range`: the ETag); every byte sent has been authenticated.",
     )
     def get(self, request: Request, ns: str, model: str, number: int, path: str):
         artifact = self._artifact(request, ns, model, number, path)
@@ -198,18 +236,21 @@ class FileView(APIView):
             response = HttpResponse(status=304)
             file_headers(response, artifact)
             return response
-        byte_range = parse_range(request.META.get("HTTP_RANGE"), artifact.size)
+        byte_range = (
+            parse_range(request.META.get("HTTP_RANGE"), artifact.size)
+            if range_applies(request, artifact)
+            else None
+        )
         start, end = byte_range or (0, artifact.size)
         body = artifacts.artifact_open(
             artifact=artifact, start=start, end=end, ranged=byte_range is not None
         )
         # Pull the first authenticated segment before sending headers, so a missing key,
-        # an unreachable store or a corrupt first segment is a clean error response.
-        first = next(body, b"")
-        response = StreamingHttpResponse(
-            _logged(chain([first], body), artifact),
-            status=206 if byte_range else 200,
-        )
+        # an unreachable store or a corrupt first segment is a clean error response. After
+        # that, a failure can only cut the connection: the client sees a short body, never
+        # unauthenticated bytes. Django closes `body` when the response ends.
+        body.prefetch()
+        response = StreamingHttpResponse(body, status=206 if byte_range else 200)
         file_headers(response, artifact)
         response["Content-Length"] = str(end - start)
         if byte_range:
@@ -228,22 +269,12 @@ class FileView(APIView):
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
-        validate_artifact_path(path)
         artifact = selectors.artifact_get_for_user(
-            principal_of(request), ns, model, number, path, Action.WRITE
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            path=path, action=Action.WRITE,
         )
         artifacts.artifact_delete(artifact=artifact)
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-def _logged(chunks: Iterator[bytes], artifact: Artifact) -> Iterator[bytes]:
-    try:
-        yield from chunks
-    except Exception:
-        # Headers are gone already: the only safe thing left is to cut the connection,
-        # so the client sees a short body rather than unauthenticated bytes.
-        logger.exception("download of artifact %s aborted", artifact.id)
-        raise
 
 
 class FileListView(ListView):
@@ -251,17 +282,25 @@ class FileListView(ListView):
 
     @extend_schema(responses=ArtifactOut(many=True))
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
-        version = selectors.version_get_for_user(
-            principal_of(request), ns, model, number, Action.READ
+        files = selectors.artifact_list_for_user(
+            principal=principal_of(request), namespace=ns, model=model, number=number
         )
-        return self.page(request, Artifact.objects.filter(version=version), ArtifactOut)
+        return self.page(request, files, ArtifactOut)
+
+
+def _session(request: Request, ns: str, model: str, number: int, upload_id: str):
+    return selectors.upload_session_get_for_user(
+        principal=principal_of(request), namespace=ns, model=model, number=number,
+        upload_id=upload_id, action=Action.WRITE,
+    )
 
 
 class UploadCreateView(APIView):
     @extend_schema(request=UploadIn, responses={201: UploadOut})
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal_of(request), ns, model, number, Action.WRITE
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            action=Action.WRITE,
         )
         data = parse(UploadIn, request)
         session = uploads.upload_session_create(
@@ -278,19 +317,15 @@ class UploadCreateView(APIView):
 class UploadDetailView(APIView):
     @extend_schema(responses=UploadOut)
     def get(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
-        session = selectors.upload_session_get_for_user(
-            principal_of(request), ns, model, number, upload_id, Action.WRITE
-        )
-        return Response(UploadOut(session).data)
+        return Response(UploadOut(_session(request, ns, model, number, upload_id)).data)
 
     @extend_schema(responses=UploadOut)
     def delete(
         self, request: Request, ns: str, model: str, number: int, upload_id: str
     ) -> Response:
-        session = selectors.upload_session_get_for_user(
-            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        session = uploads.upload_session_abort(
+            session=_session(request, ns, model, number, upload_id)
         )
-        session = uploads.upload_session_abort(session=session)
         return Response(UploadOut(session).data)
 
 
@@ -301,11 +336,10 @@ class UploadPartView(APIView):
     def put(
         self, request: Request, ns: str, model: str, number: int, upload_id: str, part: int
     ) -> Response:
-        session = selectors.upload_session_get_for_user(
-            principal_of(request), ns, model, number, upload_id, Action.WRITE
-        )
+        session = _session(request, ns, model, number, upload_id)
+        length = content_length(request)
         uploads.upload_part_put(
-            session=session, number=part, body=request._request, length=content_length(request)
+            session=session, number=part, chunks=body_chunks(request, length), length=length
         )
         return Response(UploadOut(session).data)
 
@@ -313,8 +347,7 @@ class UploadPartView(APIView):
 class UploadCompleteView(APIView):
     @extend_schema(request=None, responses={201: ArtifactOut})
     def post(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
-        session = selectors.upload_session_get_for_user(
-            principal_of(request), ns, model, number, upload_id, Action.WRITE
+        artifact = uploads.upload_session_complete(
+            session=_session(request, ns, model, number, upload_id), creator=request.user
         )
-        artifact = uploads.upload_session_complete(session=session, creator=request.user)
         return Response(ArtifactOut(artifact).data, status=status.HTTP_201_CREATED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from registry.models import Role, TokenScope
+from registry.services.uploads import upload_session_missing_parts
 
 
 class NamespaceIn(serializers.Serializer):
@@ -107,8 +108,7 @@ class UploadOut(serializers.Serializer):
     missing_parts = serializers.SerializerMethodField()
 
     def get_missing_parts(self, obj) -> list[int]:
-        have = {p.number for p in obj.parts.all()}
-        return [n for n in range(1, obj.part_count + 1) if n not in have]
+        return upload_session_missing_parts(obj)
 
 
 class TokenIn(serializers.Serializer):
@@ -129,3 +129,47 @@ class TokenOut(serializers.Serializer):
 
 class TokenCreatedOut(TokenOut):
     token = serializers.CharField(help_text="Shown once; store it now.")
+
+
+# --- The audit log ------------------------------------------------------------------------------
+
+
+class AuditEventOut(serializers.Serializer):
+    seq = serializers.IntegerField()
+    time = serializers.DateTimeField(source="created_at")
+    actor = serializers.SerializerMethodField()
+    action = serializers.CharField()
+    namespace = serializers.CharField()
+    target = serializers.CharField()
+    target_sha256 = serializers.CharField()
+    request_id = serializers.CharField()
+    client_ip = serializers.CharField()
+    outcome = serializers.CharField()
+    details = serializers.JSONField()
+    prev_hash = serializers.CharField()
+    entry_hash = serializers.CharField()
+
+    def get_actor(self, obj) -> dict:
+        return {"kind": obj.actor_kind, "user": obj.actor_user, "token": obj.actor_token}
+
+
+class CheckpointOut(serializers.Serializer):
+    size = serializers.IntegerField()
+    head_hash = serializers.CharField()
+    merkle_root = serializers.CharField()
+    prev_checkpoint_hash = serializers.CharField()
+    checkpoint_hash = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    key_id = serializers.CharField()
+    signature = serializers.CharField()
+    body = serializers.SerializerMethodField()
+
+    def get_body(self, obj) -> str:
+        return bytes(obj.body).decode()
+
+
+class VerifyOut(serializers.Serializer):
+    ok = serializers.BooleanField()
+    entries = serializers.IntegerField()
+    checkpoints = serializers.IntegerField()
+    first_bad = serializers.DictField(allow_null=True)

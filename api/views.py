@@ -1,11 +1,13 @@
-"""Metadata endpoints: parse input, call one service, serialize the output."""
+"""Metadata endpoints: parse input, call one service or selector, serialize the output."""
 
 from __future__ import annotations
 
-from django.conf import settings
+from collections.abc import Mapping
+from typing import Any
+
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -28,12 +30,11 @@ from api.serializers import (
     VersionIn,
     VersionOut,
 )
-from registry import selectors, storage
+from registry import selectors
 from registry.access import Action, Principal
-from registry.errors import PermissionDenied
-from registry.models import ApiToken, Membership, ModelVersion, RegisteredModel
+from registry.errors import InvalidInput
+from registry.models import ApiToken
 from registry.services import catalog, tokens
-from registry.services.artifacts import pending_discard
 
 
 def principal_of(request: Request) -> Principal:
@@ -41,16 +42,29 @@ def principal_of(request: Request) -> Principal:
     return Principal(user=request.user, token=token)
 
 
-def parse(serializer_class, request: Request, *, partial: bool = False) -> dict:
+def parse(
+    serializer_class: type[serializers.Serializer], request: Request, *, partial: bool = False
+) -> dict[str, Any]:
+    """Validated input; a field the endpoint does not take (unknown or read-only) is a 400
+    rather than a silent no-op."""
     serializer = serializer_class(data=request.data, partial=partial)
+    if isinstance(request.data, Mapping):
+        writable = {name for name, f in serializer.fields.items() if not f.read_only}
+        unknown = sorted(str(k) for k in request.data if k not in writable)
+        if unknown:
+            raise InvalidInput(
+                f"Unknown or read-only field(s): {', '.join(unknown)[:200]}. "
+                f"This endpoint takes: {', '.join(sorted(writable))}.",
+                fields=unknown[:20],
+            )
     serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+    return dict(serializer.validated_data)
 
 
 class ListView(GenericAPIView):
     """A paginated list whose queryset comes from a selector."""
 
-    def page(self, request: Request, qs: QuerySet, out) -> Response:
+    def page(self, request: Request, qs: QuerySet, out: type[serializers.Serializer]) -> Response:
         page = self.paginate_queryset(qs)
         return self.get_paginated_response(out(page, many=True).data)
 
@@ -60,30 +74,33 @@ class NamespaceListView(ListView):
 
     @extend_schema(responses=NamespaceOut(many=True))
     def get(self, request: Request) -> Response:
-        return self.page(
-            request, selectors.namespace_list_for_user(principal_of(request)), NamespaceOut
-        )
+        qs = selectors.namespace_list_for_user(principal=principal_of(request))
+        return self.page(request, qs, NamespaceOut)
 
     @extend_schema(request=NamespaceIn, responses={201: NamespaceOut})
     def post(self, request: Request) -> Response:
-        principal = principal_of(request)
-        if not principal.has_scope("write"):
-            raise PermissionDenied("Creating a namespace needs a token with the 'write' scope.")
-        data = parse(NamespaceIn, request)
-        ns = catalog.namespace_create(creator=request.user, **data)
+        ns = catalog.namespace_create(
+            principal=principal_of(request), creator=request.user, **parse(NamespaceIn, request)
+        )
         return Response(NamespaceOut(ns).data, status=status.HTTP_201_CREATED)
 
 
 class NamespaceDetailView(APIView):
     @extend_schema(responses=NamespaceOut)
     def get(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.READ)
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.READ
+        )
         return Response(NamespaceOut(namespace).data)
 
     @extend_schema(request=NamespacePatch, responses=NamespaceOut)
     def patch(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.MANAGE)
-        namespace = catalog.namespace_update(namespace=namespace, **parse(NamespacePatch, request))
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
+        namespace = catalog.namespace_update(
+            namespace=namespace, **parse(NamespacePatch, request, partial=True)
+        )
         return Response(NamespaceOut(namespace).data)
 
 
@@ -92,13 +109,14 @@ class MemberListView(ListView):
 
     @extend_schema(responses=MemberOut(many=True))
     def get(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.READ)
-        qs = Membership.objects.filter(namespace=namespace).select_related("user")
+        qs = selectors.member_list_for_user(principal=principal_of(request), namespace=ns)
         return self.page(request, qs, MemberOut)
 
     @extend_schema(request=MemberIn, responses={200: MemberOut})
     def post(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.MANAGE)
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
         membership = catalog.member_set(namespace=namespace, **parse(MemberIn, request))
         return Response(MemberOut(membership).data)
 
@@ -106,7 +124,9 @@ class MemberListView(ListView):
 class MemberDetailView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request: Request, ns: str, username: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.MANAGE)
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
         catalog.member_remove(namespace=namespace, username=username)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -116,13 +136,14 @@ class ModelListView(ListView):
 
     @extend_schema(responses=ModelOut(many=True))
     def get(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.READ)
-        qs = RegisteredModel.objects.filter(namespace=namespace).select_related("namespace")
+        qs = selectors.model_list_for_user(principal=principal_of(request), namespace=ns)
         return self.page(request, qs, ModelOut)
 
     @extend_schema(request=ModelIn, responses={201: ModelOut})
     def post(self, request: Request, ns: str) -> Response:
-        namespace = selectors.namespace_get_for_user(principal_of(request), ns, Action.WRITE)
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.WRITE
+        )
         model = catalog.model_create(
             namespace=namespace, creator=request.user, **parse(ModelIn, request)
         )
@@ -130,29 +151,27 @@ class ModelListView(ListView):
 
 
 class ModelDetailView(APIView):
+    def _model(self, request: Request, ns: str, model: str, action: Action):
+        return selectors.model_get_for_user(
+            principal=principal_of(request), namespace=ns, name=model, action=action
+        )
+
     @extend_schema(responses=ModelOut)
     def get(self, request: Request, ns: str, model: str) -> Response:
-        obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.READ)
-        return Response(ModelOut(obj).data)
+        return Response(ModelOut(self._model(request, ns, model, Action.READ)).data)
 
     @extend_schema(request=ModelPatch, responses=ModelOut)
     def patch(self, request: Request, ns: str, model: str) -> Response:
-        obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.WRITE)
-        obj = catalog.model_update(model=obj, **parse(ModelPatch, request))
+        obj = catalog.model_update(
+            model=self._model(request, ns, model, Action.WRITE),
+            **parse(ModelPatch, request, partial=True),
+        )
         return Response(ModelOut(obj).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, ns: str, model: str) -> Response:
-        obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.MANAGE)
-        keys = catalog.model_delete(model=obj)
-        store = storage.get_object_store()
-        for key in keys:
-            pending_discard(store, key)
+        catalog.model_delete(model=self._model(request, ns, model, Action.MANAGE))
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-def _versions(qs: QuerySet[ModelVersion]) -> QuerySet[ModelVersion]:
-    return qs.select_related("model__namespace", "created_by")
 
 
 class VersionListView(ListView):
@@ -160,12 +179,16 @@ class VersionListView(ListView):
 
     @extend_schema(responses=VersionOut(many=True))
     def get(self, request: Request, ns: str, model: str) -> Response:
-        obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.READ)
-        return self.page(request, _versions(ModelVersion.objects.filter(model=obj)), VersionOut)
+        qs = selectors.version_list_for_user(
+            principal=principal_of(request), namespace=ns, model=model
+        )
+        return self.page(request, qs, VersionOut)
 
     @extend_schema(request=VersionIn, responses={201: VersionDetailOut})
     def post(self, request: Request, ns: str, model: str) -> Response:
-        obj = selectors.model_get_for_user(principal_of(request), ns, model, Action.WRITE)
+        obj = selectors.model_get_for_user(
+            principal=principal_of(request), namespace=ns, name=model, action=Action.WRITE
+        )
         version = catalog.version_create(
             model=obj, creator=request.user, **parse(VersionIn, request)
         )
@@ -176,7 +199,8 @@ class VersionDetailView(APIView):
     @extend_schema(responses=VersionDetailOut)
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal_of(request), ns, model, number, Action.READ
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            action=Action.READ,
         )
         return Response(VersionDetailOut(version).data)
 
@@ -185,10 +209,10 @@ class VersionSubmitView(APIView):
     @extend_schema(request=None, responses=VersionDetailOut)
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal_of(request), ns, model, number, Action.WRITE
+            principal=principal_of(request), namespace=ns, model=model, number=number,
+            action=Action.WRITE,
         )
-        version = catalog.version_submit(version=version)
-        return Response(VersionDetailOut(version).data)
+        return Response(VersionDetailOut(catalog.version_submit(version=version)).data)
 
 
 class TokenListView(ListView):
@@ -196,25 +220,17 @@ class TokenListView(ListView):
 
     @extend_schema(responses=TokenOut(many=True))
     def get(self, request: Request) -> Response:
-        return self.page(request, ApiToken.objects.filter(user=request.user), TokenOut)
+        return self.page(request, selectors.token_list_for_user(user=request.user), TokenOut)
 
     @extend_schema(request=TokenIn, responses={201: TokenCreatedOut})
     def post(self, request: Request) -> Response:
         data = parse(TokenIn, request)
-        principal = principal_of(request)
-        if "expires_at" in data:
-            expires_at = data["expires_at"]
-        else:
-            expires_at = tokens.default_expiry(settings.SMR_TOKEN_DEFAULT_DAYS)
-            if principal.token is not None and principal.token.expires_at is not None:
-                # Unasked, a minted token simply ends with the token that minted it.
-                expires_at = min(filter(None, [expires_at, principal.token.expires_at]))
         issued = tokens.token_create(
             user=request.user,
             scopes=data["scopes"],
             name=data.get("name", ""),
-            expires_at=expires_at,
-            issued_by=principal.token,
+            expires_at=data.get("expires_at", tokens.DEFAULT_EXPIRY),
+            issued_by=principal_of(request).token,
         )
         body = dict(TokenOut(issued.token).data, token=issued.plaintext)
         return Response(body, status=status.HTTP_201_CREATED)

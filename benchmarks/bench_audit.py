@@ -91,7 +91,7 @@ def bench_download_overhead(rounds: int) -> tuple[float, float]:
     from registry.services import catalog
     from registry.services.artifacts import (
         artifact_open,
-        artifact_store_stream,
+        artifact_upload,
         artifact_unwrap_dek,
         associated_data,
     )
@@ -101,7 +101,7 @@ def bench_download_overhead(rounds: int) -> tuple[float, float]:
     model = catalog.model_create(namespace=ns, name="m", creator=user)
     version = catalog.version_create(model=model, creator=user)
     data = os.urandom(4096)
-    artifact = artifact_store_stream(
+    artifact = artifact_upload(
         version=version, path="small.bin", chunks=[data], expected_sha256=None,
         expected_size=len(data), creator=user,
     )  # fmt: skip

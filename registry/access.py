@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -28,7 +28,7 @@ ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.AUDITOR: frozenset({Action.READ, Action.AUDIT}),
 }
 
-ACTION_SCOPE: dict[Action, str] = {
+ACTION_SCOPE: dict[Action, TokenScope] = {
     Action.READ: TokenScope.READ,
     Action.DOWNLOAD: TokenScope.READ,
     Action.AUDIT: TokenScope.READ,
@@ -44,8 +44,11 @@ class Principal:
 
     user: AbstractBaseUser
     token: ApiToken | None = None
+    # Roles looked up during this request, by namespace id (selectors.role_for fills it): one
+    # query per namespace per request, without hanging state on the user object.
+    roles: dict[int, str | None] = field(default_factory=dict, compare=False, repr=False)
 
-    def has_scope(self, scope: str) -> bool:
+    def has_scope(self, scope: TokenScope) -> bool:
         return self.token is None or scope in self.token.scopes
 
 

@@ -34,6 +34,17 @@ class InvalidPath(RegistryError):
     default_message = "The artifact path is not allowed."
 
 
+class UnsupportedDigest(RegistryError):
+    code = "unsupported_digest"
+    default_message = (
+        "Content-Digest names no algorithm this registry checks; send sha-256=:BASE64: "
+        "(see Want-Content-Digest)."
+    )
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Want-Content-Digest": "sha-256=1"}
+
+
 class IncompleteBody(RegistryError):
     code = "incomplete_body"
     default_message = (
@@ -79,6 +90,16 @@ class Conflict(RegistryError):
 class VersionNotDraft(Conflict):
     code = "version_not_draft"
     default_message = "Files can only change while the version is a draft; create a new version."
+
+
+class LastAdmin(Conflict):
+    code = "last_admin"
+    default_message = "A namespace must keep at least one admin; add another admin first."
+
+
+class EmptyVersion(Conflict):
+    code = "empty_version"
+    default_message = "Upload at least one file before submitting."
 
 
 class AlreadyExists(Conflict):

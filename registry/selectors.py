@@ -1,44 +1,69 @@
-"""Permission-scoped reads. An object the caller may not see is NotFound, never Forbidden."""
+"""Permission-scoped reads. An object the caller may not see is NotFound, never Forbidden.
+
+Every read the API, the dashboard or the CLI makes goes through a selector here, so the rule
+"who may see what" lives in one place. Refusals of access to an existing namespace's objects
+are recorded in the audit log (folded per actor, see `_denied`).
+"""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
 from registry.access import Action, Principal, principal_allows
 from registry.errors import NotFound, PermissionDenied
 from registry.models import (
+    ApiToken,
     Artifact,
+    AuditCheckpoint,
+    AuditEvent,
     Membership,
     ModelVersion,
     Namespace,
     RegisteredModel,
+    Role,
+    TokenScope,
     UploadSession,
     VersionState,
 )
+from registry.paths import validate_artifact_path
+from registry.services.audit import audit_target
+from registry.services.denials import access_denied_record
 
 # Viewers only fetch bytes of versions that passed review.
-RELEASED_STATES = {VersionState.APPROVED, VersionState.DEPRECATED}
+RELEASED_STATES = frozenset({VersionState.APPROVED, VersionState.DEPRECATED})
 
 
-def role_for(principal: Principal, namespace: Namespace) -> str | None:
-    cache = getattr(principal.user, "_smr_roles", None)
-    if cache is None:
-        cache = {}
-        principal.user._smr_roles = cache  # type: ignore[attr-defined]
-    if namespace.pk not in cache:
-        cache[namespace.pk] = (
+def _text_ok(*values: str) -> bool:
+    # PostgreSQL refuses NUL in text parameters (a DataError, i.e. a 500); no name holds one.
+    return not any("\x00" in v for v in values)
+
+
+def role_for(*, principal: Principal, namespace: Namespace) -> str | None:
+    """The caller's role in `namespace` (None if not a member), cached for the request."""
+    if namespace.pk not in principal.roles:
+        principal.roles[namespace.pk] = (
             Membership.objects.filter(namespace=namespace, user=principal.user)
             .values_list("role", flat=True)
             .first()
         )
-    return cache[namespace.pk]
+    return principal.roles[namespace.pk]
 
 
-def _require(principal: Principal, namespace: Namespace, action: Action) -> str:
-    role = role_for(principal, namespace)
+def _require(
+    principal: Principal, namespace: Namespace, action: Action, *, target: str = ""
+) -> str:
+    role = role_for(principal=principal, namespace=namespace)
     if role is None:
+        # The hiding 404: the namespace exists, so this is a refused access worth recording.
+        _denied(principal, namespace, action, target, reason="not a member")
         raise NotFound(f"Namespace {namespace.name!r} not found, or you are not a member.")
     if not principal_allows(principal, role, action):
+        _denied(principal, namespace, action, target, reason=f"role {role} or token scopes")
         raise PermissionDenied(
             f"Your role ({role}) or token scopes do not allow '{action}' here.",
             role=role,
@@ -47,65 +72,148 @@ def _require(principal: Principal, namespace: Namespace, action: Action) -> str:
     return role
 
 
-def namespace_list_for_user(principal: Principal) -> QuerySet[Namespace]:
+def _denied(
+    principal: Principal, namespace: Namespace, action: Action, target: str, *, reason: str
+) -> None:
+    access_denied_record(
+        user=principal.user.get_username(),
+        namespace=namespace.name,
+        target=target or namespace.name,
+        operation=str(action),
+        reason=reason,
+    )
+
+
+def namespace_list_for_user(*, principal: Principal) -> QuerySet[Namespace]:
+    """Namespaces the caller is a member of (listing them is a read: needs the read scope)."""
+    if not principal.has_scope(TokenScope.READ):
+        raise PermissionDenied("Listing namespaces needs a token with the 'read' scope.")
     return Namespace.objects.filter(memberships__user=principal.user).distinct()
 
 
-def namespace_get_for_user(principal: Principal, name: str, action: Action) -> Namespace:
-    # PostgreSQL refuses NUL in text parameters (a DataError, i.e. a 500); no name holds one.
+def namespace_get_for_user(
+    *, principal: Principal, name: str, action: Action, target: str = ""
+) -> Namespace:
+    """The namespace `name` if the caller may do `action` in it (NotFound for non-members)."""
     # Names are ASCII and unique ignoring case, so lookups ignore case too (`ACME` is `acme`).
     # Non-ASCII input never names anything; it must not reach UPPER() (U+017F upper-cases to 'S').
     namespace = (
         Namespace.objects.filter(name__iexact=name).first()
-        if "\x00" not in name and name.isascii()
+        if _text_ok(name) and name.isascii()
         else None
     )
     if namespace is None:
         raise NotFound(f"Namespace {name!r} not found, or you are not a member.")
-    _require(principal, namespace, action)
+    _require(principal, namespace, action, target=target or name)
     return namespace
 
 
+def member_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[Membership]:
+    """Members of a namespace the caller belongs to."""
+    ns = namespace_get_for_user(principal=principal, name=namespace, action=Action.READ)
+    return Membership.objects.filter(namespace=ns).select_related("user")
+
+
+def model_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[RegisteredModel]:
+    """Models of a namespace the caller belongs to."""
+    ns = namespace_get_for_user(principal=principal, name=namespace, action=Action.READ)
+    return RegisteredModel.objects.filter(namespace=ns).select_related("namespace")
+
+
 def model_get_for_user(
-    principal: Principal, namespace: str, model: str, action: Action
+    *, principal: Principal, namespace: str, name: str, action: Action, target: str = ""
 ) -> RegisteredModel:
-    ns = namespace_get_for_user(principal, namespace, action)
+    """Model `namespace/name` if the caller may do `action` on it."""
+    ns = namespace_get_for_user(
+        principal=principal,
+        name=namespace,
+        action=action,
+        target=target or audit_target(namespace, name),
+    )
     obj = (  # case-insensitive, as for namespaces
-        RegisteredModel.objects.filter(namespace=ns, name__iexact=model)
+        RegisteredModel.objects.filter(namespace=ns, name__iexact=name)
         .select_related("namespace")
         .first()
-        if "\x00" not in model and model.isascii()
+        if _text_ok(name) and name.isascii()
         else None
     )
     if obj is None:
-        raise NotFound(f"Model {namespace}/{model} not found.")
+        raise NotFound(f"Model {namespace}/{name} not found.")
     return obj
 
 
+def version_list_for_user(
+    *, principal: Principal, namespace: str, model: str
+) -> QuerySet[ModelVersion]:
+    """Versions of a model the caller may read."""
+    obj = model_get_for_user(principal=principal, namespace=namespace, name=model, action=Action.READ)
+    return ModelVersion.objects.filter(model=obj).select_related("model__namespace", "created_by")
+
+
 def version_get_for_user(
-    principal: Principal, namespace: str, model: str, number: int, action: Action
+    *,
+    principal: Principal,
+    namespace: str,
+    model: str,
+    number: int,
+    action: Action,
+    target: str = "",
 ) -> ModelVersion:
-    m = model_get_for_user(principal, namespace, model, action)
+    """Version `number` of a model if the caller may do `action` on it.
+
+    Downloads by viewers are limited to released (approved or deprecated) versions.
+    """
+    target = target or audit_target(namespace, model, number)
+    m = model_get_for_user(
+        principal=principal, namespace=namespace, name=model, action=action, target=target
+    )
     version = (
         ModelVersion.objects.filter(model=m, number=number)
-        .select_related("model__namespace")
+        .select_related("model__namespace", "created_by")
         .first()
     )
     if version is None:
         raise NotFound(f"Version {number} of {namespace}/{model} not found.")
     if action == Action.DOWNLOAD:
-        role = role_for(principal, m.namespace)
-        if role == "viewer" and version.state not in RELEASED_STATES:
+        role = role_for(principal=principal, namespace=m.namespace)
+        if role == Role.VIEWER and version.state not in RELEASED_STATES:
+            _denied(principal, m.namespace, action, target, reason="viewers download released only")
             raise PermissionDenied(
                 "Viewers can download approved versions only.", state=version.state
             )
     return version
 
 
+def artifact_list_for_user(
+    *, principal: Principal, namespace: str, model: str, number: int
+) -> QuerySet[Artifact]:
+    """Files of a version the caller may read (metadata only)."""
+    version = version_get_for_user(
+        principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
+    )
+    return Artifact.objects.filter(version=version)
+
+
 def artifact_get_for_user(
-    principal: Principal, namespace: str, model: str, number: int, path: str, action: Action
+    *,
+    principal: Principal,
+    namespace: str,
+    model: str,
+    number: int,
+    path: str,
+    action: Action,
 ) -> Artifact:
-    version = version_get_for_user(principal, namespace, model, number, action)
+    """File `path` of a version if the caller may do `action` on it (a refused download is
+    audited as access.denied). An invalid path is an InvalidPath (400), whoever asks."""
+    path = validate_artifact_path(path)
+    version = version_get_for_user(
+        principal=principal,
+        namespace=namespace,
+        model=model,
+        number=number,
+        action=action,
+        target=audit_target(namespace, model, number, path),
+    )
     artifact = Artifact.objects.filter(version=version, path=path).first()
     if artifact is None:
         raise NotFound(f"No file {path!r} in version {number} of {namespace}/{model}.")
@@ -114,9 +222,18 @@ def artifact_get_for_user(
 
 
 def upload_session_get_for_user(
-    principal: Principal, namespace: str, model: str, number: int, upload_id: str, action: Action
+    *,
+    principal: Principal,
+    namespace: str,
+    model: str,
+    number: int,
+    upload_id: uuid.UUID | str,
+    action: Action,
 ) -> UploadSession:
-    version = version_get_for_user(principal, namespace, model, number, action)
+    """A resumable upload session of a version the caller may write to."""
+    version = version_get_for_user(
+        principal=principal, namespace=namespace, model=model, number=number, action=action
+    )
     session = UploadSession.objects.filter(version=version, pk=upload_id).first()
     if session is None:
         raise NotFound("No such upload session.")
@@ -124,9 +241,17 @@ def upload_session_get_for_user(
     return session
 
 
-def audit_namespaces_for_user(principal: Principal) -> list[str] | None:
+def token_list_for_user(*, user: AbstractBaseUser) -> QuerySet[ApiToken]:
+    """The caller's own tokens (never anyone else's)."""
+    return ApiToken.objects.filter(user=user)
+
+
+# --- The audit log ------------------------------------------------------------------------------
+
+
+def audit_namespaces_for_user(*, principal: Principal) -> list[str] | None:
     """Namespaces whose audit events the caller may read; None means all (superusers)."""
-    if not principal.has_scope("read"):
+    if not principal.has_scope(TokenScope.READ):
         raise PermissionDenied("Reading the audit log needs a token with the 'read' scope.")
     if principal.user.is_superuser:
         return None
@@ -138,3 +263,69 @@ def audit_namespaces_for_user(principal: Principal) -> list[str] | None:
     if not names:
         raise PermissionDenied("Only auditors and admins can read the audit log.")
     return names
+
+
+def audit_log_verifier_check(*, principal: Principal) -> None:
+    """Raise unless the caller may verify the whole log and read its signed checkpoints.
+
+    Checkpoints and verification cover every namespace's events (hashes, not contents), so they
+    are for superusers and auditors, whose job it is. A namespace admin reads their own
+    namespace's events but does not learn the size and health of every other team's log.
+    """
+    if not principal.has_scope(TokenScope.READ):
+        raise PermissionDenied("Verifying the audit log needs a token with the 'read' scope.")
+    if principal.user.is_superuser:
+        return
+    if not Membership.objects.filter(user=principal.user, role=Role.AUDITOR).exists():
+        raise PermissionDenied(
+            "Only auditors verify the audit log and read its checkpoints; namespace admins can "
+            "read their namespace's events at /audit/events."
+        )
+
+
+@dataclass(frozen=True)
+class AuditFilters:
+    actor: str = ""
+    token: str = ""
+    action: str = ""
+    namespace: str = ""
+    target_prefix: str = ""
+    sha256: str = ""
+    outcome: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def audit_event_list_for_user(
+    *, principal: Principal, filters: AuditFilters | None = None
+) -> QuerySet[AuditEvent]:
+    """Audit events of the namespaces the caller audits, narrowed by `filters`."""
+    visible = audit_namespaces_for_user(principal=principal)
+    qs = AuditEvent.objects.all()
+    if visible is not None:
+        qs = qs.filter(namespace__in=visible)
+    f = filters or AuditFilters()
+    exact = {
+        "actor_user": f.actor,
+        "actor_token": f.token,
+        "action": f.action,
+        "namespace": f.namespace,
+        "target_sha256": f.sha256,
+        "outcome": f.outcome,
+    }
+    for column, value in exact.items():
+        if value:
+            qs = qs.filter(**{column: value.replace("\x00", "")})
+    if f.target_prefix:
+        qs = qs.filter(target__startswith=f.target_prefix.replace("\x00", ""))
+    if f.since is not None:
+        qs = qs.filter(created_at__gte=f.since)
+    if f.until is not None:
+        qs = qs.filter(created_at__lt=f.until)
+    return qs
+
+
+def audit_checkpoint_list_for_user(*, principal: Principal) -> QuerySet[AuditCheckpoint]:
+    """Signed checkpoints of the whole log (auditors and superusers)."""
+    audit_log_verifier_check(principal=principal)
+    return AuditCheckpoint.objects.all()

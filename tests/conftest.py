@@ -96,6 +96,17 @@ def isolated_registry(settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Throttles and the folding of access.denied events count in the cache: none carries over
+    from one test to the next."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _audit_tables_flushable(request):
     """Let pytest-django empty the append-only audit tables after transactional tests.
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.utils import timezone
 
 from registry import storage
 from registry.crypto import keys, stream
@@ -28,7 +26,7 @@ from registry.errors import (
     DigestMismatch,
     IncompleteBody,
     IntegrityFailure,
-    KeyServiceUnavailable,
+    InvalidInput,
     NotFound,
     StorageUnavailable,
     TooLarge,
@@ -45,12 +43,10 @@ from registry.models import (
 )
 from registry.paths import validate_artifact_path
 from registry.services import audit
+from registry.services.envelope import EncryptedWrite, encrypt_to_store, key_provider_call
+from registry.services.pending import pending_begin, pending_discard
 
 logger = logging.getLogger(__name__)
-
-# One segment's worth: big enough to amortise per-call costs, small enough that gunicorn's
-# body reader does not assemble (copy) large buffers.
-READ_CHUNK = 1 << 20
 
 
 def artifact_object_key(artifact_id: uuid.UUID) -> str:
@@ -64,6 +60,7 @@ def associated_data(artifact_id: uuid.UUID) -> bytes:
 
 
 def encryption_context(version: ModelVersion, path: str, artifact_id: uuid.UUID) -> dict[str, str]:
+    """The KMS encryption context of an artifact's data key (names what the key protects)."""
     model = version.model
     return {
         "smr:namespace": model.namespace.name,
@@ -76,94 +73,15 @@ def encryption_context(version: ModelVersion, path: str, artifact_id: uuid.UUID)
 
 def file_target(version: ModelVersion, path: str) -> str:
     """How the audit log names a file: namespace/model/vN/path."""
-    return f"{version.model.namespace.name}/{version.model.name}/v{version.number}/{path}"
+    return audit.audit_target(version.model.namespace.name, version.model.name, version.number, path)
 
 
 def artifact_context(artifact: Artifact) -> dict[str, str]:
     return encryption_context(artifact.version, artifact.path, artifact.id)
 
 
-@dataclass(frozen=True)
-class Written:
-    size: int
-    sha256: str
-
-
-def key_call(fn: Callable, *args, **kwargs):
-    """Run a KeyProvider call, turning its failures into registry errors."""
-    try:
-        return fn(*args, **kwargs)
-    except keys.KeyUnavailableError as exc:
-        raise KeyServiceUnavailable() from exc
-    except keys.KeyUnwrapError as exc:
-        logger.error("data key could not be unwrapped: %s", exc)
-        raise IntegrityFailure() from exc
-
-
-def write_encrypted(
-    *,
-    store: storage.ObjectStore,
-    key: str,
-    dek: bytes,
-    ad: bytes,
-    chunks: Iterable[bytes],
-    size_hint: int | None = None,
-) -> Written:
-    """Encrypt `chunks` into object `key` in one pass, returning plaintext size and SHA-256.
-
-    The object only becomes visible on commit; on any error the write is aborted.
-    """
-    encryptor = stream.StreamEncryptor(dek, ad)
-    writer = store.writer(
-        key, size_hint=stream.ciphertext_size(size_hint) if size_hint is not None else None
-    )
-    try:
-        for chunk in chunks:
-            for out in encryptor.update(chunk):
-                writer.write(out)
-        for out in encryptor.finalize():
-            writer.write(out)
-        writer.commit()
-    except BaseException:
-        try:
-            writer.abort()
-        except storage.StorageError:
-            logger.warning("abort of %s failed; the janitor will retry", key)
-        raise
-    return Written(size=encryptor.plaintext_size, sha256=encryptor.sha256)
-
-
-def read_body(body, length: int) -> Iterator[bytes]:
-    """Yield exactly `length` bytes from a request body, or raise IncompleteBody."""
-    remaining = length
-    while remaining > 0:
-        try:
-            chunk = body.read(min(READ_CHUNK, remaining))
-        except (OSError, ValueError) as exc:  # client went away mid-body
-            raise IncompleteBody(received=length - remaining, expected=length) from exc
-        if not chunk:
-            raise IncompleteBody(received=length - remaining, expected=length)
-        remaining -= len(chunk)
-        yield chunk
-
-
-def pending_begin(key: str, reason: str = "upload") -> None:
-    PendingObject.objects.get_or_create(object_key=key, defaults={"reason": reason})
-
-
-def pending_discard(store: storage.ObjectStore, key: str) -> None:
-    """Delete whatever may exist under `key`; keep the pending record if the store is down."""
-    try:
-        store.abort_incomplete(key)
-        store.delete(key)
-    except storage.StorageError:
-        logger.warning("could not delete %s now; left for the janitor", key)
-        PendingObject.objects.filter(object_key=key).update(abandoned_at=timezone.now())
-        return
-    PendingObject.objects.filter(object_key=key).delete()
-
-
-def ensure_draft(version: ModelVersion) -> None:
+def version_ensure_draft(version: ModelVersion) -> None:
+    """Raise VersionNotDraft (409) unless the version's files may still change."""
     if version.state != VersionState.DRAFT:
         raise VersionNotDraft(
             f"Version {version.number} is {version.state}; its files are immutable. "
@@ -172,7 +90,10 @@ def ensure_draft(version: ModelVersion) -> None:
         )
 
 
-def check_size(size: int) -> None:
+def artifact_size_check(size: int) -> None:
+    """Raise TooLarge (413) for a file over the registry's per-file limit."""
+    if size < 0:
+        raise InvalidInput("size must be >= 0")
     if size > settings.SMR_MAX_ARTIFACT_SIZE:
         raise TooLarge(
             f"The file is {size} bytes; this registry accepts at most "
@@ -181,7 +102,7 @@ def check_size(size: int) -> None:
         )
 
 
-def artifact_store_stream(
+def artifact_upload(
     *,
     version: ModelVersion,
     path: str,
@@ -193,30 +114,31 @@ def artifact_store_stream(
 ) -> Artifact:
     """Encrypt a plaintext stream as a new file of a draft version and register it.
 
-    Replaces an existing file at the same path (drafts only). Raises DigestMismatch, or the
-    store's/KMS's unavailability, with nothing registered and nothing left in the store.
+    The path is validated and normalised (NFC), the draft state and the declared size are
+    checked before any byte is read. Replaces an existing file at the same path (drafts only).
+    Raises DigestMismatch, IncompleteBody, or the store's/KMS's unavailability, with nothing
+    registered and nothing left in the store.
     """
-    validate_artifact_path(path)
-    ensure_draft(version)
+    path = validate_artifact_path(path)
+    version_ensure_draft(version)
+    if expected_size is not None:
+        artifact_size_check(expected_size)
     store = storage.get_object_store()
     artifact_id = uuid.uuid4()
     key = artifact_object_key(artifact_id)
-    dek, wrapped = key_call(
+    dek, wrapped = key_provider_call(
         get_key_provider().generate_data_key, encryption_context(version, path, artifact_id)
     )
-    pending_begin(key)
+    pending_begin(key=key)
     try:
-        try:
-            written = write_encrypted(
-                store=store,
-                key=key,
-                dek=dek,
-                ad=associated_data(artifact_id),
-                chunks=chunks,
-                size_hint=expected_size,
-            )
-        except storage.StorageUnavailable as exc:
-            raise StorageUnavailable() from exc
+        written = encrypt_to_store(
+            store=store,
+            key=key,
+            dek=dek,
+            ad=associated_data(artifact_id),
+            chunks=chunks,
+            size_hint=expected_size,
+        )
         if expected_size is not None and written.size != expected_size:
             raise IncompleteBody(received=written.size, expected=expected_size)
         if expected_sha256 is not None and written.sha256 != expected_sha256:
@@ -244,7 +166,7 @@ def _register(
     version: ModelVersion,
     artifact_id: uuid.UUID,
     path: str,
-    written: Written,
+    written: EncryptedWrite,
     key: str,
     wrapped: keys.WrappedKey,
     creator: AbstractBaseUser | None,
@@ -255,7 +177,7 @@ def _register(
         locked = ModelVersion.objects.select_for_update().filter(pk=version.pk).first()
         if locked is None:
             raise NotFound("The version was deleted while the file was uploading.")
-        ensure_draft(locked)
+        version_ensure_draft(locked)
         old = Artifact.objects.filter(version=locked, path=path).first()
         replaced = None
         if old is not None:
@@ -297,7 +219,7 @@ def artifact_delete(*, artifact: Artifact) -> None:
     """Remove a file from a draft version (its object is deleted after the row)."""
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=artifact.version_id)
-        ensure_draft(locked)
+        version_ensure_draft(locked)
         PendingObject.objects.get_or_create(
             object_key=artifact.object_key, defaults={"reason": "delete"}
         )
@@ -312,14 +234,15 @@ def artifact_delete(*, artifact: Artifact) -> None:
 
 
 def artifact_unwrap_dek(artifact: Artifact) -> bytes:
+    """The artifact's plaintext data key (never logged, returned or stored)."""
     wrapped = keys.WrappedKey(kek_id=artifact.kek_id, blob=bytes(artifact.wrapped_dek))
-    provider = key_call(provider_for, artifact.kek_id)
-    return key_call(provider.unwrap, wrapped, artifact_context(artifact))
+    provider = key_provider_call(provider_for, artifact.kek_id)
+    return key_provider_call(provider.unwrap, wrapped, artifact_context(artifact))
 
 
 def artifact_open(
     *, artifact: Artifact, start: int = 0, end: int | None = None, ranged: bool = False
-) -> Iterator[bytes]:
+) -> DownloadStream:
     """Authenticated plaintext of bytes [start, end) of an artifact, streamed segment by segment.
 
     The download is audited (who, with which token, which digest and range) before any byte
@@ -342,7 +265,7 @@ def artifact_open(
         )
         raise
     with transaction.atomic():
-        audit.audit_record(
+        event = audit.audit_record(
             action=AuditAction.ARTIFACT_DOWNLOAD,
             namespace=namespace,
             target=target,
@@ -364,16 +287,95 @@ def artifact_open(
         inner = stream.decrypt_range(
             dek, ad, artifact.size, start, end, lambda a, b: store.read(key, a, b)
         )
-    return _guard(inner, artifact, audit.context_snapshot(), namespace, target)
+    return DownloadStream(
+        _audited_plaintext(inner, artifact=artifact, ctx=audit.context_snapshot(), target=target),
+        artifact=artifact,
+        ctx=audit.context_snapshot(),
+        target=target,
+        expected=end - start,
+        download_seq=event.seq,
+    )
 
 
-def _guard(
-    inner: Iterator[bytes],
-    artifact: Artifact,
-    ctx: audit.AuditContext,
-    namespace: str,
-    target: str,
+class DownloadStream:
+    """The plaintext of one download, for a streaming response.
+
+    `prefetch()` pulls the first authenticated chunk, so errors before any byte is sent can
+    still become a clean error response. `close()` (called by the WSGI server when the
+    response ends, also when the client went away) records a follow-up event with the bytes
+    actually sent when the download was cut short. A chunk counts as sent once the server asks
+    for the next one, so `bytes_sent` never overstates what left.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        *,
+        artifact: Artifact,
+        ctx: audit.AuditContext,
+        target: str,
+        expected: int,
+        download_seq: int,
+    ) -> None:
+        self._chunks = chunks
+        self._artifact = artifact
+        self._ctx = ctx
+        self._target = target
+        self._expected = expected
+        self._download_seq = download_seq
+        self._prefetched: list[bytes] = []
+        self._in_flight = 0
+        self.sent = 0
+        self._finished = False
+        self._closed = False
+
+    def prefetch(self) -> None:
+        """Read the first chunk now (raising what reading it raises)."""
+        self._prefetched.append(next(self._chunks, b""))
+
+    def __iter__(self) -> DownloadStream:
+        return self
+
+    def __next__(self) -> bytes:
+        self.sent += self._in_flight
+        self._in_flight = 0
+        try:
+            chunk = self._prefetched.pop() if self._prefetched else next(self._chunks)
+        except StopIteration:
+            self._finished = True
+            raise
+        self._in_flight = len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self._chunks, "close"):
+            self._chunks.close()
+        if not self._finished and self.sent < self._expected:
+            audit.audit_record_now(
+                ctx=self._ctx,
+                action=AuditAction.ARTIFACT_DOWNLOAD_INCOMPLETE,
+                outcome=AuditOutcome.FAILURE,
+                namespace=self._artifact.version.model.namespace.name,
+                target=self._target,
+                target_sha256=self._artifact.sha256,
+                details={
+                    "download_seq": self._download_seq,
+                    "bytes_sent": self.sent,
+                    "bytes_expected": self._expected,
+                },
+            )
+
+
+def _audited_plaintext(
+    inner: Iterator[bytes], *, artifact: Artifact, ctx: audit.AuditContext, target: str
 ) -> Iterator[bytes]:
+    """Yield `inner`, turning (and auditing) integrity failures: nothing from a segment that
+    fails authentication is ever yielded."""
+    namespace = artifact.version.model.namespace.name
+
     def failed(reason: str) -> None:
         audit.audit_record_now(
             ctx=ctx,
@@ -398,6 +400,7 @@ def _guard(
         failed("the stored object is missing")
         raise IntegrityFailure() from exc
     except storage.StorageUnavailable as exc:
+        logger.error("object store unavailable while streaming artifact %s", artifact.id)
         raise StorageUnavailable() from exc
 
 
@@ -412,11 +415,11 @@ def artifact_rewrap(*, artifact: Artifact, target: keys.KeyProvider) -> bool:
         return False
     old = keys.WrappedKey(kek_id=artifact.kek_id, blob=bytes(artifact.wrapped_dek))
     context = artifact_context(artifact)
-    source = key_call(provider_for, artifact.kek_id)
+    source = key_provider_call(provider_for, artifact.kek_id)
     if source.scheme == target.scheme:
-        new = key_call(source.rewrap, old, context, to_kek_id=to_kek)
+        new = key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
     else:
-        new = key_call(keys.rewrap_between, old, context, source, target)
+        new = key_provider_call(keys.rewrap_between, old, context, source, target)
     with transaction.atomic():
         updated = Artifact.objects.filter(pk=artifact.pk, kek_id=artifact.kek_id).update(
             wrapped_dek=new.blob, kek_id=new.kek_id

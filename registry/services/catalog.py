@@ -11,7 +11,17 @@ from django.db import IntegrityError, transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from registry.errors import AlreadyExists, Conflict, InvalidInput, NotFound, VersionNotDraft
+from registry import storage
+from registry.access import Principal
+from registry.errors import (
+    AlreadyExists,
+    EmptyVersion,
+    InvalidInput,
+    LastAdmin,
+    NotFound,
+    PermissionDenied,
+    VersionNotDraft,
+)
 from registry.models import (
     Artifact,
     AuditAction,
@@ -22,10 +32,12 @@ from registry.models import (
     PendingObject,
     RegisteredModel,
     Role,
+    TokenScope,
     UploadPart,
     VersionState,
 )
-from registry.services.audit import audit_record
+from registry.services.audit import audit_record, audit_target
+from registry.services.pending import pending_discard
 
 
 def _validate(obj, *, exclude: list[str] | None = None) -> None:
@@ -35,8 +47,16 @@ def _validate(obj, *, exclude: list[str] | None = None) -> None:
         raise InvalidInput("Invalid fields.", fields=exc.message_dict) from exc
 
 
-def namespace_create(*, name: str, description: str = "", creator: AbstractBaseUser) -> Namespace:
-    """Create a namespace; its creator becomes its first admin."""
+def namespace_create(
+    *, name: str, description: str = "", creator: AbstractBaseUser, principal: Principal | None = None
+) -> Namespace:
+    """Create a namespace; its creator becomes its first admin.
+
+    Any authenticated user may create one; through a token, only with the `write` scope.
+    `principal` is the caller as authenticated (None for trusted callers: management commands).
+    """
+    if principal is not None and not principal.has_scope(TokenScope.WRITE):
+        raise PermissionDenied("Creating a namespace needs a token with the 'write' scope.")
     name = unicodedata.normalize("NFC", name)
     namespace = Namespace(name=name, description=description, created_by=creator)
     _validate(namespace, exclude=["created_by"])
@@ -51,6 +71,7 @@ def namespace_create(*, name: str, description: str = "", creator: AbstractBaseU
 
 
 def namespace_update(*, namespace: Namespace, description: str | None = None) -> Namespace:
+    """Change a namespace's description (audited; nothing happens when nothing is given)."""
     if description is not None:
         with transaction.atomic():
             namespace.description = description
@@ -84,13 +105,14 @@ def member_set(*, namespace: Namespace, username: str, role: str) -> Membership:
         audit_record(
             action=AuditAction.MEMBER_SET,
             namespace=namespace.name,
-            target=f"{namespace.name}/members/{username}",
+            target=audit_target(namespace.name, "members") + f"/{username}",
             details={"role": role, "previous_role": previous},
         )
     return membership
 
 
 def member_remove(*, namespace: Namespace, username: str) -> None:
+    """Remove `username` from the namespace; the last admin cannot be removed."""
     if "\x00" in username:  # PostgreSQL rejects NUL in text; no user can have such a name
         raise NotFound(f"{username!r} is not a member of {namespace.name!r}.")
     with transaction.atomic():
@@ -106,7 +128,7 @@ def member_remove(*, namespace: Namespace, username: str) -> None:
         audit_record(
             action=AuditAction.MEMBER_REMOVE,
             namespace=namespace.name,
-            target=f"{namespace.name}/members/{username}",
+            target=audit_target(namespace.name, "members") + f"/{username}",
             details={"previous_role": membership.role},
         )
         membership.delete()
@@ -126,7 +148,7 @@ def _ensure_admin_remains(
         return
     # The namespace row lock (_lock_members) keeps two demotions from both passing this check.
     if Membership.objects.filter(namespace=namespace, role=Role.ADMIN).count() <= 1:
-        raise Conflict("A namespace must keep at least one admin.", code_hint="last_admin")
+        raise LastAdmin()
 
 
 def model_create(
@@ -158,7 +180,7 @@ def model_create(
             audit_record(
                 action=AuditAction.MODEL_CREATE,
                 namespace=namespace.name,
-                target=f"{namespace.name}/{name}",
+                target=audit_target(namespace.name, name),
                 details={"last_version_number": model.last_version_number},
             )
     except IntegrityError as exc:
@@ -167,6 +189,7 @@ def model_create(
 
 
 def model_update(*, model: RegisteredModel, description: str | None = None) -> RegisteredModel:
+    """Change a model's description (audited; nothing happens when nothing is given)."""
     if description is not None:
         with transaction.atomic():
             model.description = description
@@ -174,17 +197,18 @@ def model_update(*, model: RegisteredModel, description: str | None = None) -> R
             audit_record(
                 action=AuditAction.MODEL_UPDATE,
                 namespace=model.namespace.name,
-                target=f"{model.namespace.name}/{model.name}",
+                target=audit_target(model.namespace.name, model.name),
                 details={"fields": ["description"]},
             )
     return model
 
 
-def model_delete(*, model: RegisteredModel) -> list[str]:
-    """Delete a model and all its versions; returns the object keys now queued for deletion.
+def model_delete(*, model: RegisteredModel) -> int:
+    """Delete a model, all its versions and their stored objects; returns how many objects.
 
     Rows go in one transaction together with PendingObject records for every object, so the
-    bytes are removed after commit (by the caller) or later by the janitor, never orphaned.
+    bytes are removed right after commit (or later by the janitor if the store is down), never
+    orphaned.
     """
     with transaction.atomic():
         # The model row first: version_create holds it while numbering, so no version appears
@@ -211,7 +235,7 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
         audit_record(
             action=AuditAction.MODEL_DELETE,
             namespace=model.namespace.name,
-            target=f"{model.namespace.name}/{model.name}",
+            target=audit_target(model.namespace.name, model.name),
             details={"objects_deleted": len(keys)},
         )
         # The tombstone keeps the name's version numbers from ever being handed out again.
@@ -228,7 +252,11 @@ def model_delete(*, model: RegisteredModel) -> list[str]:
         tombstone.deleted_at = timezone.now()
         tombstone.save()
         model.delete()
-    return keys
+    # Outside the transaction: object-store calls never hold database locks.
+    store = storage.get_object_store()
+    for key in keys:
+        pending_discard(store, key)
+    return len(keys)
 
 
 def version_create(
@@ -254,7 +282,7 @@ def version_create(
         audit_record(
             action=AuditAction.VERSION_CREATE,
             namespace=model.namespace.name,
-            target=f"{model.namespace.name}/{model.name}/v{version.number}",
+            target=audit_target(model.namespace.name, model.name, version.number),
         )
         return version
 
@@ -262,7 +290,9 @@ def version_create(
 def version_submit(*, version: ModelVersion) -> ModelVersion:
     """Freeze a draft's files and hand it to review.
 
-    Until the scanning workers exist, a submitted version goes straight to pending_review.
+    The version row lock orders this against uploads registering files: a file lands before
+    the submit or not at all. Until the scanning workers exist, a submitted version goes
+    straight to pending_review.
     """
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
@@ -272,18 +302,17 @@ def version_submit(*, version: ModelVersion) -> ModelVersion:
                 state=locked.state,
             )
         if not Artifact.objects.filter(version=locked).exists():
-            raise Conflict("Upload at least one file before submitting.", code_hint="empty_version")
+            raise EmptyVersion()
         locked.state = VersionState.PENDING_REVIEW
         locked.submitted_at = timezone.now()
         locked.save(update_fields=["state", "submitted_at"])
         audit_record(
             action=AuditAction.VERSION_SUBMIT,
             namespace=version.model.namespace.name,
-            target=version_target(version),
+            target=audit_target(
+                version.model.namespace.name, version.model.name, version.number
+            ),
             details={"state": locked.state},
         )
     return locked
 
-
-def version_target(version: ModelVersion) -> str:
-    return f"{version.model.namespace.name}/{version.model.name}/v{version.number}"

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from registry import storage
 from registry.models import Artifact, PendingObject, UploadPart, UploadSession, UploadState
-from registry.services.artifacts import pending_discard
+from registry.services.pending import pending_discard
 from registry.services.uploads import upload_session_abort
 
 logger = logging.getLogger(__name__)

@@ -7,17 +7,27 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
 from registry.errors import InvalidInput, NotFound, PermissionDenied
 from registry.models import ApiToken, AuditAction, AuditOutcome, TokenScope
-from registry.services.audit import audit_record, audit_record_now
+from registry.services.audit import audit_record, audit_record_now, context_set_actor
 
 TOKEN_PREFIX = "smr_"  # noqa: S105 - a public prefix, not a secret
 KEY_ID_CHARS = frozenset("0123456789abcdef")
+
+
+class _Default(Enum):
+    EXPIRY = "default"
+
+
+# `expires_at=DEFAULT_EXPIRY`: SMR_TOKEN_DEFAULT_DAYS from now, and never after the issuing token.
+DEFAULT_EXPIRY = _Default.EXPIRY
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,18 @@ def token_create(
     user: AbstractBaseUser,
     scopes: list[str],
     name: str = "",
-    expires_at: datetime | None = None,
+    expires_at: datetime | None | _Default = None,
     issued_by: ApiToken | None = None,
 ) -> IssuedToken:
     """Create a token for `user` with the given scopes and return its plaintext once.
 
     `issued_by` is the token the request authenticated with, if any: a token can only mint
     tokens with scopes it holds and that expire no later than it does (no escalation by
-    minting).
+    minting). `expires_at=DEFAULT_EXPIRY` (what the API uses when the client does not say)
+    means SMR_TOKEN_DEFAULT_DAYS from now, and no later than the issuing token.
     """
+    if isinstance(expires_at, _Default):
+        expires_at = _default_expiry_for(issued_by)
     unknown = sorted(set(scopes) - set(TokenScope.values))
     if not scopes or unknown:
         raise InvalidInput(
@@ -86,12 +99,26 @@ def token_create(
 
 
 def default_expiry(days: int) -> datetime | None:
+    """`days` from now; None (no expiry) when days is 0 or less."""
     return timezone.now() + timedelta(days=days) if days > 0 else None
 
 
+def _default_expiry_for(issued_by: ApiToken | None) -> datetime | None:
+    expires_at = default_expiry(settings.SMR_TOKEN_DEFAULT_DAYS)
+    if issued_by is not None and issued_by.expires_at is not None:
+        # Unasked, a minted token simply ends with the token that minted it.
+        expires_at = min(filter(None, [expires_at, issued_by.expires_at]))
+    return expires_at
+
+
 def token_authenticate(raw: str) -> ApiToken | None:
-    """Return the live token matching `raw`, or None (audited). Constant-time on the secret."""
-    token, reason = _token_check(raw)
+    """Return the live token matching `raw`, or None (audited). Constant-time on the secret.
+
+    `raw` is what follows `Bearer ` in the Authorization header; on success the token's owner
+    becomes the actor of the request's audit context.
+    """
+    raw = raw.strip()
+    token, reason = (None, "malformed") if not raw or " " in raw else _token_check(raw)
     if token is None:
         key_id = raw[len(TOKEN_PREFIX) :].partition("_")[0] if raw.startswith(TOKEN_PREFIX) else ""
         audit_record_now(
@@ -100,6 +127,8 @@ def token_authenticate(raw: str) -> ApiToken | None:
             target=f"token:{key_id[:16]}" if key_id and set(key_id) <= KEY_ID_CHARS else "",
             details={"method": "bearer", "reason": reason},
         )
+    else:
+        context_set_actor(user=token.user.get_username(), token=token.key_id)
     return token
 
 
@@ -137,7 +166,7 @@ def token_revoke(
     revoking the owner's other tokens needs the admin scope: otherwise a leaked read-only token
     could lock its owner out of every script.
     """
-    if revoked_by is not None and revoked_by.key_id != key_id and "admin" not in revoked_by.scopes:
+    if revoked_by is not None and revoked_by.key_id != key_id and TokenScope.ADMIN not in revoked_by.scopes:
         raise PermissionDenied("Revoking another token needs a token with the 'admin' scope.")
     if not key_id or not set(key_id) <= KEY_ID_CHARS:  # also keeps NUL away from PostgreSQL
         raise NotFound("No such token.")

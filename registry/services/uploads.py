@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 from django.conf import settings
@@ -21,12 +21,7 @@ from django.utils import timezone
 
 from registry import storage
 from registry.crypto import keys, stream
-from registry.errors import (
-    Conflict,
-    IntegrityFailure,
-    InvalidInput,
-    StorageUnavailable,
-)
+from registry.errors import Conflict, IncompleteBody, IntegrityFailure, InvalidInput
 from registry.keyconfig import get_key_provider, provider_for
 from registry.models import (
     Artifact,
@@ -39,22 +34,21 @@ from registry.models import (
 )
 from registry.paths import validate_artifact_path
 from registry.services.artifacts import (
-    artifact_store_stream,
-    check_size,
-    ensure_draft,
+    artifact_size_check,
+    artifact_upload,
     file_target,
-    key_call,
-    pending_begin,
-    pending_discard,
-    read_body,
-    write_encrypted,
+    version_ensure_draft,
 )
 from registry.services.audit import audit_record
+from registry.services.envelope import encrypt_to_store, key_provider_call
+from registry.services.pending import pending_begin, pending_discard
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-MIN_PART_SIZE = 1 << 20
-MAX_PART_SIZE = 5 << 30
-MAX_PARTS = 10_000
+# Limits of a resumable upload session's parts (independent of the object store's own limits:
+# each part is staged as its own object).
+UPLOAD_MIN_PART_SIZE = 1 << 20
+UPLOAD_MAX_PART_SIZE = 5 << 30
+UPLOAD_MAX_PARTS = 10_000
 
 
 def _session_context(session_id: uuid.UUID, version: ModelVersion) -> dict[str, str]:
@@ -71,6 +65,7 @@ def _part_ad(session: UploadSession, number: int) -> bytes:
 
 
 def expected_part_size(session: UploadSession, number: int) -> int:
+    """The exact size part `number` of the session must have (the last one may be shorter)."""
     if number < session.part_count:
         return session.part_size
     return session.size - (session.part_count - 1) * session.part_size
@@ -86,26 +81,25 @@ def upload_session_create(
     creator: AbstractBaseUser,
 ) -> UploadSession:
     """Open a resumable upload of `size` bytes to `path` of a draft version."""
-    validate_artifact_path(path)
-    ensure_draft(version)
-    if size < 0:
-        raise InvalidInput("size must be >= 0")
-    check_size(size)
+    path = validate_artifact_path(path)
+    version_ensure_draft(version)
+    artifact_size_check(size)
     if sha256 is not None and not SHA256_RE.match(sha256):
         raise InvalidInput("sha256 must be 64 lowercase hex characters", sha256=sha256)
     part_size = part_size or settings.SMR_UPLOAD_PART_SIZE
-    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+    if not UPLOAD_MIN_PART_SIZE <= part_size <= UPLOAD_MAX_PART_SIZE:
         raise InvalidInput(
-            f"part_size must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes",
+            f"part_size must be between {UPLOAD_MIN_PART_SIZE} and {UPLOAD_MAX_PART_SIZE} bytes",
             part_size=part_size,
         )
-    if -(-size // part_size) > MAX_PARTS:
+    if -(-size // part_size) > UPLOAD_MAX_PARTS:
         raise InvalidInput(
-            f"{size} bytes in parts of {part_size} would need more than {MAX_PARTS} parts; "
+            f"{size} bytes in parts of {part_size} would need more than {UPLOAD_MAX_PARTS} "
+            "parts; "
             "use a larger part_size",
         )
     session_id = uuid.uuid4()
-    _dek, wrapped = key_call(
+    _dek, wrapped = key_provider_call(
         get_key_provider().generate_data_key, _session_context(session_id, version)
     )
     with transaction.atomic():
@@ -141,17 +135,25 @@ def _ensure_open(session: UploadSession) -> None:
         raise Conflict(f"The upload session is {session.state}.", state=session.state)
     if session.expires_at <= timezone.now():
         raise Conflict("The upload session has expired; start a new one.", state="expired")
-    ensure_draft(session.version)
+    version_ensure_draft(session.version)
+
+
+def upload_session_missing_parts(session: UploadSession) -> list[int]:
+    """Part numbers not uploaded yet, in order (empty once every part is there)."""
+    have = {p.number for p in session.parts.all()}
+    return [n for n in range(1, session.part_count + 1) if n not in have]
 
 
 def _session_dek(session: UploadSession) -> bytes:
     wrapped = keys.WrappedKey(kek_id=session.kek_id, blob=bytes(session.wrapped_dek))
-    provider = key_call(provider_for, session.kek_id)
-    return key_call(provider.unwrap, wrapped, _session_context(session.id, session.version))
+    provider = key_provider_call(provider_for, session.kek_id)
+    return key_provider_call(provider.unwrap, wrapped, _session_context(session.id, session.version))
 
 
-def upload_part_put(*, session: UploadSession, number: int, body, length: int) -> UploadPart:
-    """Store part `number` (1-based).
+def upload_part_put(
+    *, session: UploadSession, number: int, chunks: Iterable[bytes], length: int
+) -> UploadPart:
+    """Store part `number` (1-based) from `chunks`, which must hold exactly `length` bytes.
 
     Re-sending a part replaces it; a broken send changes nothing.
     """
@@ -168,19 +170,18 @@ def upload_part_put(*, session: UploadSession, number: int, body, length: int) -
     store = storage.get_object_store()
     # A fresh key per attempt: a concurrent or failed re-send can never clobber a good part.
     key = f"uploads/{session.id}/{number:05d}-{uuid.uuid4().hex[:8]}"
-    pending_begin(key, reason="upload-part")
+    pending_begin(key=key, reason="upload-part")
     try:
-        try:
-            written = write_encrypted(
-                store=store,
-                key=key,
-                dek=dek,
-                ad=_part_ad(session, number),
-                chunks=read_body(body, length),
-                size_hint=length,
-            )
-        except storage.StorageUnavailable as exc:
-            raise StorageUnavailable() from exc
+        written = encrypt_to_store(
+            store=store,
+            key=key,
+            dek=dek,
+            ad=_part_ad(session, number),
+            chunks=chunks,
+            size_hint=length,
+        )
+        if written.size != length:
+            raise IncompleteBody(received=written.size, expected=length)
         with transaction.atomic():
             locked = UploadSession.objects.select_for_update().get(pk=session.pk)
             if locked.state != UploadState.OPEN:
@@ -227,7 +228,16 @@ def _assembled(session: UploadSession, parts: list[UploadPart], dek: bytes) -> I
             yield from stream.decrypt_iter(
                 dek, _part_ad(session, part.number), store.read(part.object_key)
             )
-        except (stream.StreamIntegrityError, storage.ObjectNotFound) as exc:
+        except storage.ObjectNotFound as exc:
+            # A concurrent complete (or abort) that won discards the staged parts: that is a
+            # lost race (409), not corruption.
+            state = UploadSession.objects.filter(pk=session.pk).values_list("state", flat=True)
+            if state.first() != UploadState.OPEN:
+                raise Conflict(
+                    "The upload session was completed or aborted meanwhile.", state=state.first()
+                ) from exc
+            raise IntegrityFailure() from exc
+        except stream.StreamIntegrityError as exc:
             raise IntegrityFailure() from exc
 
 
@@ -235,7 +245,7 @@ def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser
     """Assemble the parts into the artifact; verifies size and (if given) SHA-256."""
     _ensure_open(session)
     parts = list(session.parts.order_by("number"))
-    missing = sorted(set(range(1, session.part_count + 1)) - {p.number for p in parts})
+    missing = upload_session_missing_parts(session)
     if missing and session.size > 0:
         raise Conflict(
             f"{len(missing)} part(s) are missing; upload them before completing.",
@@ -258,7 +268,7 @@ def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser
             details={"upload": str(session.id), "parts": len(parts)},
         )
 
-    artifact = artifact_store_stream(
+    artifact = artifact_upload(
         version=session.version,
         path=session.path,
         chunks=_assembled(session, parts, dek),
@@ -272,6 +282,7 @@ def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser
 
 
 def upload_session_abort(*, session: UploadSession) -> UploadSession:
+    """Abort an open session and delete its staged parts."""
     with transaction.atomic():
         updated = UploadSession.objects.filter(pk=session.pk, state=UploadState.OPEN).update(
             state=UploadState.ABORTED

@@ -24,7 +24,7 @@ from registry.crypto.stream import (
 from registry.errors import IntegrityFailure, StorageUnavailable
 from registry.models import Artifact, PendingObject
 from registry.services import janitor
-from registry.services.artifacts import artifact_store_stream, artifact_unwrap_dek
+from registry.services.artifacts import artifact_upload, artifact_unwrap_dek
 from tests.conftest import FILES, REGION, s3_client, use_kms, use_s3
 from tests.support.netproxy import TcpProxy
 from tests.support.objects import pattern, pattern_bytes, read_object, write_object
@@ -309,7 +309,7 @@ def test_outage_mid_upload_leaves_nothing(
                 proxy.cut()
 
     with pytest.raises(StorageUnavailable):
-        artifact_store_stream(
+        artifact_upload(
             version=draft,
             path="big.bin",
             chunks=cut_mid_stream(),

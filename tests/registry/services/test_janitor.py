@@ -50,11 +50,7 @@ def test_expired_upload_sessions_are_aborted_with_their_parts(actors, draft, set
         version=draft, path="x.bin", size=2 << 20, sha256=None, part_size=1 << 20,
         creator=actors.users["alice"],
     )  # fmt: skip
-    import io
-
-    uploads.upload_part_put(
-        session=session, number=1, body=io.BytesIO(b"a" * (1 << 20)), length=1 << 20
-    )
+    uploads.upload_part_put(session=session, number=1, chunks=[b"a" * (1 << 20)], length=1 << 20)
     UploadSession.objects.filter(pk=session.pk).update(
         expires_at=timezone.now() - timedelta(seconds=1)
     )

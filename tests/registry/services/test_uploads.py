@@ -473,12 +473,6 @@ class GatedProxy:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a complete that listed the parts before a concurrent complete discarded them reads "
-    "deleted part objects and fails with IntegrityFailure (502 integrity_error, 'a stored object "
-    "failed its integrity check') instead of a 409 Conflict",
-)
 def test_complete_losing_while_parts_are_discarded_is_a_conflict(
     actors, draft, settings, moto_endpoint, kms_key_id
 ):

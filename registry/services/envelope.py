@@ -1,0 +1,76 @@
+"""Envelope-encryption plumbing shared by artifacts and resumable uploads: key-provider calls
+mapped to registry errors, and one-pass encryption of a plaintext stream into the store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+from registry import storage
+from registry.crypto import keys, stream
+from registry.errors import IntegrityFailure, KeyServiceUnavailable, StorageUnavailable
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EncryptedWrite:
+    """What one encrypted write stored: the plaintext's size and SHA-256."""
+
+    size: int
+    sha256: str
+
+
+def key_provider_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a KeyProvider call, turning its failures into registry errors (503 or 502)."""
+    try:
+        return fn(*args, **kwargs)
+    except keys.KeyUnavailableError as exc:
+        raise KeyServiceUnavailable() from exc
+    except keys.KeyUnwrapError as exc:
+        logger.error("data key could not be unwrapped: %s", exc)
+        raise IntegrityFailure() from exc
+
+
+def encrypt_to_store(
+    *,
+    store: storage.ObjectStore,
+    key: str,
+    dek: bytes,
+    ad: bytes,
+    chunks: Iterable[bytes],
+    size_hint: int | None = None,
+) -> EncryptedWrite:
+    """Encrypt `chunks` into object `key` in one pass, returning plaintext size and SHA-256.
+
+    The object only becomes visible on commit; on any error the write is aborted, and an
+    unreachable store is a StorageUnavailable (503).
+    """
+    encryptor = stream.StreamEncryptor(dek, ad)
+    try:
+        writer = store.writer(
+            key, size_hint=stream.ciphertext_size(size_hint) if size_hint is not None else None
+        )
+    except storage.StorageUnavailable as exc:
+        raise StorageUnavailable() from exc
+    try:
+        for chunk in chunks:
+            for out in encryptor.update(chunk):
+                writer.write(out)
+        for out in encryptor.finalize():
+            writer.write(out)
+        writer.commit()
+    except BaseException as exc:
+        try:
+            writer.abort()
+        except storage.StorageError:
+            logger.warning("abort of %s failed; the janitor will retry", key)
+        if isinstance(exc, storage.StorageUnavailable):
+            raise StorageUnavailable() from exc
+        raise
+    return EncryptedWrite(size=encryptor.plaintext_size, sha256=encryptor.sha256)
