@@ -91,8 +91,8 @@ def bench_download_overhead(rounds: int) -> tuple[float, float]:
     from registry.services import catalog
     from registry.services.artifacts import (
         artifact_open,
-        artifact_upload,
         artifact_unwrap_dek,
+        artifact_upload,
         associated_data,
     )
 
