@@ -26,12 +26,20 @@ ERRORS = {
     "413": "The request body is too large.",
     "415": "Unsupported Content-Type for the request body.",
     "416": "The requested byte range is outside the file.",
+    "429": "Too many requests; retry after Retry-After.",
     "502": "A stored object failed its integrity check; the incident was recorded.",
     "503": "The database, object store or key service is unavailable; retry after Retry-After.",
 }
 
 
 class AutoSchema(openapi.AutoSchema):
+    def _map_basic_serializer(self, serializer, direction):
+        schema = super()._map_basic_serializer(serializer, direction)
+        if direction == "request":
+            # api.views.parse refuses a field the endpoint does not take; say so.
+            schema["additionalProperties"] = False
+        return schema
+
     def _get_response_bodies(self, direction="response"):
         responses = super()._get_response_bodies(direction)
         ref = self.resolve_serializer(ErrorOut, direction).ref
@@ -41,7 +49,7 @@ class AutoSchema(openapi.AutoSchema):
                     "description": ERRORS[status],
                     "content": {"application/json": {"schema": ref}},
                 }
-                if status == "503":
+                if status in ("429", "503"):
                     response["headers"] = {
                         "Retry-After": {
                             "description": "Seconds to wait before retrying.",
@@ -66,5 +74,7 @@ class AutoSchema(openapi.AutoSchema):
             statuses.append("411")
         if raw_file and self.method in ("GET", "HEAD"):
             statuses += ["416", "502"]
+        if self.view.get_throttles():
+            statuses.append("429")
         statuses.append("503")
         return statuses
