@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from urllib.parse import quote
 
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -24,7 +24,7 @@ from rest_framework.views import APIView
 
 from api.pagination import cursor_by
 from api.serializers import ArtifactOut, UploadIn, UploadOut
-from api.views import ListView, parse, principal_of
+from api.views import ListView, parse, principal_of, user_of
 from registry import selectors
 from registry.access import Action
 from registry.errors import (
@@ -163,7 +163,7 @@ def range_applies(request: Request, artifact: Artifact) -> bool:
     return if_range is None or if_range.strip() == f'"{artifact.sha256}"'
 
 
-def file_headers(response: HttpResponse, artifact: Artifact) -> None:
+def file_headers(response: HttpResponseBase, artifact: Artifact) -> None:
     response["Accept-Ranges"] = "bytes"
     response["ETag"] = f'"{artifact.sha256}"'
     response["Repr-Digest"] = digest_header(artifact.sha256)
@@ -196,7 +196,10 @@ class FileView(APIView):
     )
     def put(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
         version = selectors.version_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
             action=Action.WRITE,
         )
         length = content_length(request)
@@ -206,7 +209,7 @@ class FileView(APIView):
             chunks=body_chunks(request, length),
             expected_sha256=content_digest_sha256(request),
             expected_size=length,
-            creator=request.user,
+            creator=user_of(request),
         )
         response = Response(ArtifactOut(artifact).data, status=status.HTTP_201_CREATED)
         response["ETag"] = f'"{artifact.sha256}"'
@@ -214,8 +217,12 @@ class FileView(APIView):
 
     def _artifact(self, request: Request, ns: str, model: str, number: int, path: str) -> Artifact:
         return selectors.artifact_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
-            path=path, action=Action.DOWNLOAD,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
+            path=path,
+            action=Action.DOWNLOAD,
         )
 
     @extend_schema(
@@ -230,12 +237,14 @@ class FileView(APIView):
         description="Stream the decrypted file. Supports a single `Range: bytes=...` (with "
         "`If-Range`: the ETag); every byte sent has been authenticated.",
     )
-    def get(self, request: Request, ns: str, model: str, number: int, path: str):
+    def get(
+        self, request: Request, ns: str, model: str, number: int, path: str
+    ) -> HttpResponseBase:
         artifact = self._artifact(request, ns, model, number, path)
         if request.META.get("HTTP_IF_NONE_MATCH", "").strip() == f'"{artifact.sha256}"':
-            response = HttpResponse(status=304)
-            file_headers(response, artifact)
-            return response
+            not_modified = HttpResponse(status=304)
+            file_headers(not_modified, artifact)
+            return not_modified
         byte_range = (
             parse_range(request.META.get("HTTP_RANGE"), artifact.size)
             if range_applies(request, artifact)
@@ -270,8 +279,12 @@ class FileView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request: Request, ns: str, model: str, number: int, path: str) -> Response:
         artifact = selectors.artifact_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
-            path=path, action=Action.WRITE,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
+            path=path,
+            action=Action.WRITE,
         )
         artifacts.artifact_delete(artifact=artifact)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -290,8 +303,12 @@ class FileListView(ListView):
 
 def _session(request: Request, ns: str, model: str, number: int, upload_id: str):
     return selectors.upload_session_get_for_user(
-        principal=principal_of(request), namespace=ns, model=model, number=number,
-        upload_id=upload_id, action=Action.WRITE,
+        principal=principal_of(request),
+        namespace=ns,
+        model=model,
+        number=number,
+        upload_id=upload_id,
+        action=Action.WRITE,
     )
 
 
@@ -299,7 +316,10 @@ class UploadCreateView(APIView):
     @extend_schema(request=UploadIn, responses={201: UploadOut})
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
             action=Action.WRITE,
         )
         data = parse(UploadIn, request)
@@ -309,7 +329,7 @@ class UploadCreateView(APIView):
             size=data["size"],
             sha256=data.get("sha256"),
             part_size=data.get("part_size"),
-            creator=request.user,
+            creator=user_of(request),
         )
         return Response(UploadOut(session).data, status=status.HTTP_201_CREATED)
 
@@ -348,6 +368,6 @@ class UploadCompleteView(APIView):
     @extend_schema(request=None, responses={201: ArtifactOut})
     def post(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
         artifact = uploads.upload_session_complete(
-            session=_session(request, ns, model, number, upload_id), creator=request.user
+            session=_session(request, ns, model, number, upload_id), creator=user_of(request)
         )
         return Response(ArtifactOut(artifact).data, status=status.HTTP_201_CREATED)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import NotAuthenticated
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -37,9 +39,16 @@ from registry.models import ApiToken
 from registry.services import catalog, tokens
 
 
+def user_of(request: Request) -> User:
+    """The authenticated user (every endpoint but the public key requires one)."""
+    if not isinstance(request.user, User):
+        raise NotAuthenticated()
+    return request.user
+
+
 def principal_of(request: Request) -> Principal:
     token = request.auth if isinstance(request.auth, ApiToken) else None
-    return Principal(user=request.user, token=token)
+    return Principal(user=user_of(request), token=token)
 
 
 def parse(
@@ -80,7 +89,7 @@ class NamespaceListView(ListView):
     @extend_schema(request=NamespaceIn, responses={201: NamespaceOut})
     def post(self, request: Request) -> Response:
         ns = catalog.namespace_create(
-            principal=principal_of(request), creator=request.user, **parse(NamespaceIn, request)
+            principal=principal_of(request), creator=user_of(request), **parse(NamespaceIn, request)
         )
         return Response(NamespaceOut(ns).data, status=status.HTTP_201_CREATED)
 
@@ -145,7 +154,7 @@ class ModelListView(ListView):
             principal=principal_of(request), name=ns, action=Action.WRITE
         )
         model = catalog.model_create(
-            namespace=namespace, creator=request.user, **parse(ModelIn, request)
+            namespace=namespace, creator=user_of(request), **parse(ModelIn, request)
         )
         return Response(ModelOut(model).data, status=status.HTTP_201_CREATED)
 
@@ -190,7 +199,7 @@ class VersionListView(ListView):
             principal=principal_of(request), namespace=ns, name=model, action=Action.WRITE
         )
         version = catalog.version_create(
-            model=obj, creator=request.user, **parse(VersionIn, request)
+            model=obj, creator=user_of(request), **parse(VersionIn, request)
         )
         return Response(VersionDetailOut(version).data, status=status.HTTP_201_CREATED)
 
@@ -199,7 +208,10 @@ class VersionDetailView(APIView):
     @extend_schema(responses=VersionDetailOut)
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
             action=Action.READ,
         )
         return Response(VersionDetailOut(version).data)
@@ -209,7 +221,10 @@ class VersionSubmitView(APIView):
     @extend_schema(request=None, responses=VersionDetailOut)
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
-            principal=principal_of(request), namespace=ns, model=model, number=number,
+            principal=principal_of(request),
+            namespace=ns,
+            model=model,
+            number=number,
             action=Action.WRITE,
         )
         return Response(VersionDetailOut(catalog.version_submit(version=version)).data)
@@ -220,13 +235,13 @@ class TokenListView(ListView):
 
     @extend_schema(responses=TokenOut(many=True))
     def get(self, request: Request) -> Response:
-        return self.page(request, selectors.token_list_for_user(user=request.user), TokenOut)
+        return self.page(request, selectors.token_list_for_user(user=user_of(request)), TokenOut)
 
     @extend_schema(request=TokenIn, responses={201: TokenCreatedOut})
     def post(self, request: Request) -> Response:
         data = parse(TokenIn, request)
         issued = tokens.token_create(
-            user=request.user,
+            user=user_of(request),
             scopes=data["scopes"],
             name=data.get("name", ""),
             expires_at=data.get("expires_at", tokens.DEFAULT_EXPIRY),
@@ -240,6 +255,6 @@ class TokenDetailView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request: Request, token_id: str) -> Response:
         tokens.token_revoke(
-            user=request.user, key_id=token_id, revoked_by=principal_of(request).token
+            user=user_of(request), key_id=token_id, revoked_by=principal_of(request).token
         )
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from registry.models import ApiToken, Role, TokenScope
 
@@ -42,7 +42,7 @@ ACTION_SCOPE: dict[Action, TokenScope] = {
 class Principal:
     """The caller: a user, and the token it authenticated with (None for a browser session)."""
 
-    user: AbstractBaseUser
+    user: User
     token: ApiToken | None = None
     # Roles looked up during this request, by namespace id (selectors.role_for fills it): one
     # query per namespace per request, without hanging state on the user object.

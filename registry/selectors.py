@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from registry.access import Action, Principal, principal_allows
@@ -146,7 +146,9 @@ def version_list_for_user(
     *, principal: Principal, namespace: str, model: str
 ) -> QuerySet[ModelVersion]:
     """Versions of a model the caller may read."""
-    obj = model_get_for_user(principal=principal, namespace=namespace, name=model, action=Action.READ)
+    obj = model_get_for_user(
+        principal=principal, namespace=namespace, name=model, action=Action.READ
+    )
     return ModelVersion.objects.filter(model=obj).select_related("model__namespace", "created_by")
 
 
@@ -241,7 +243,7 @@ def upload_session_get_for_user(
     return session
 
 
-def token_list_for_user(*, user: AbstractBaseUser) -> QuerySet[ApiToken]:
+def token_list_for_user(*, user: User) -> QuerySet[ApiToken]:
     """The caller's own tokens (never anyone else's)."""
     return ApiToken.objects.filter(user=user)
 

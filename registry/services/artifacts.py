@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from registry import storage
@@ -73,7 +73,9 @@ def encryption_context(version: ModelVersion, path: str, artifact_id: uuid.UUID)
 
 def file_target(version: ModelVersion, path: str) -> str:
     """How the audit log names a file: namespace/model/vN/path."""
-    return audit.audit_target(version.model.namespace.name, version.model.name, version.number, path)
+    return audit.audit_target(
+        version.model.namespace.name, version.model.name, version.number, path
+    )
 
 
 def artifact_context(artifact: Artifact) -> dict[str, str]:
@@ -109,7 +111,7 @@ def artifact_upload(
     chunks: Iterable[bytes],
     expected_sha256: str | None,
     expected_size: int | None,
-    creator: AbstractBaseUser | None,
+    creator: User | None,
     on_register: Callable[[Artifact], None] | None = None,
 ) -> Artifact:
     """Encrypt a plaintext stream as a new file of a draft version and register it.
@@ -169,7 +171,7 @@ def _register(
     written: EncryptedWrite,
     key: str,
     wrapped: keys.WrappedKey,
-    creator: AbstractBaseUser | None,
+    creator: User | None,
     on_register: Callable[[Artifact], None] | None,
 ) -> tuple[Artifact, str | None]:
     with transaction.atomic():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import unicodedata
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
 
@@ -40,7 +40,7 @@ from registry.services.audit import audit_record, audit_target
 from registry.services.pending import pending_discard
 
 
-def _validate(obj, *, exclude: list[str] | None = None) -> None:
+def _validate(obj: models.Model, *, exclude: list[str] | None = None) -> None:
     try:
         obj.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
     except ValidationError as exc:
@@ -48,7 +48,7 @@ def _validate(obj, *, exclude: list[str] | None = None) -> None:
 
 
 def namespace_create(
-    *, name: str, description: str = "", creator: AbstractBaseUser, principal: Principal | None = None
+    *, name: str, description: str = "", creator: User, principal: Principal | None = None
 ) -> Namespace:
     """Create a namespace; its creator becomes its first admin.
 
@@ -152,7 +152,7 @@ def _ensure_admin_remains(
 
 
 def model_create(
-    *, namespace: Namespace, name: str, description: str = "", creator: AbstractBaseUser
+    *, namespace: Namespace, name: str, description: str = "", creator: User
 ) -> RegisteredModel:
     """Create a model in `namespace` (names are unique within it, ignoring case).
 
@@ -259,9 +259,7 @@ def model_delete(*, model: RegisteredModel) -> int:
     return len(keys)
 
 
-def version_create(
-    *, model: RegisteredModel, description: str = "", creator: AbstractBaseUser
-) -> ModelVersion:
+def version_create(*, model: RegisteredModel, description: str = "", creator: User) -> ModelVersion:
     """Create the next version number of `model` as a draft.
 
     Numbers count up from the highest ever given under the model's name, including by a
@@ -309,10 +307,7 @@ def version_submit(*, version: ModelVersion) -> ModelVersion:
         audit_record(
             action=AuditAction.VERSION_SUBMIT,
             namespace=version.model.namespace.name,
-            target=audit_target(
-                version.model.namespace.name, version.model.name, version.number
-            ),
+            target=audit_target(version.model.namespace.name, version.model.name, version.number),
             details={"state": locked.state},
         )
     return locked
-

@@ -73,4 +73,7 @@ def encrypt_to_store(
         if isinstance(exc, storage.StorageUnavailable):
             raise StorageUnavailable() from exc
         raise
-    return EncryptedWrite(size=encryptor.plaintext_size, sha256=encryptor.sha256)
+    sha256 = encryptor.sha256
+    if sha256 is None:  # finalize() sets it; this keeps the type honest
+        raise RuntimeError("the encryptor was not finalized")
+    return EncryptedWrite(size=encryptor.plaintext_size, sha256=sha256)

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -43,10 +43,10 @@ def _hash(secret: str) -> str:
 
 def token_create(
     *,
-    user: AbstractBaseUser,
+    user: User,
     scopes: list[str],
     name: str = "",
-    expires_at: datetime | None | _Default = None,
+    expires_at: datetime | _Default | None = None,
     issued_by: ApiToken | None = None,
 ) -> IssuedToken:
     """Create a token for `user` with the given scopes and return its plaintext once.
@@ -157,16 +157,18 @@ def _token_check(raw: str) -> tuple[ApiToken | None, str]:
     return token, ""
 
 
-def token_revoke(
-    *, user: AbstractBaseUser, key_id: str, revoked_by: ApiToken | None = None
-) -> ApiToken:
+def token_revoke(*, user: User, key_id: str, revoked_by: ApiToken | None = None) -> ApiToken:
     """Revoke one of `user`'s tokens.
 
     Any token may revoke itself (a leaked token can always be killed with itself), but
     revoking the owner's other tokens needs the admin scope: otherwise a leaked read-only token
     could lock its owner out of every script.
     """
-    if revoked_by is not None and revoked_by.key_id != key_id and TokenScope.ADMIN not in revoked_by.scopes:
+    if (
+        revoked_by is not None
+        and revoked_by.key_id != key_id
+        and TokenScope.ADMIN not in revoked_by.scopes
+    ):
         raise PermissionDenied("Revoking another token needs a token with the 'admin' scope.")
     if not key_id or not set(key_id) <= KEY_ID_CHARS:  # also keeps NUL away from PostgreSQL
         raise NotFound("No such token.")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -78,7 +78,7 @@ def upload_session_create(
     size: int,
     sha256: str | None,
     part_size: int | None,
-    creator: AbstractBaseUser,
+    creator: User,
 ) -> UploadSession:
     """Open a resumable upload of `size` bytes to `path` of a draft version."""
     path = validate_artifact_path(path)
@@ -147,7 +147,9 @@ def upload_session_missing_parts(session: UploadSession) -> list[int]:
 def _session_dek(session: UploadSession) -> bytes:
     wrapped = keys.WrappedKey(kek_id=session.kek_id, blob=bytes(session.wrapped_dek))
     provider = key_provider_call(provider_for, session.kek_id)
-    return key_provider_call(provider.unwrap, wrapped, _session_context(session.id, session.version))
+    return key_provider_call(
+        provider.unwrap, wrapped, _session_context(session.id, session.version)
+    )
 
 
 def upload_part_put(
@@ -241,7 +243,7 @@ def _assembled(session: UploadSession, parts: list[UploadPart], dek: bytes) -> I
             raise IntegrityFailure() from exc
 
 
-def upload_session_complete(*, session: UploadSession, creator: AbstractBaseUser) -> Artifact:
+def upload_session_complete(*, session: UploadSession, creator: User) -> Artifact:
     """Assemble the parts into the artifact; verifies size and (if given) SHA-256."""
     _ensure_open(session)
     parts = list(session.parts.order_by("number"))

@@ -156,7 +156,9 @@ def test_namespace_list_needs_the_read_scope(world):
     with pytest.raises(PermissionDenied):
         selectors.namespace_list_for_user(principal=write_only)
     # Control: a read token lists them.
-    assert [n.name for n in selectors.namespace_list_for_user(principal=who(world, "alice", "read"))] == ["acme"]
+    assert [
+        n.name for n in selectors.namespace_list_for_user(principal=who(world, "alice", "read"))
+    ] == ["acme"]
 
 
 # --- Models, versions, files, uploads ------------------------------------------------------

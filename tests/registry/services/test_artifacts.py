@@ -24,7 +24,7 @@ from registry.crypto.stream import (
 from registry.errors import IntegrityFailure, StorageUnavailable
 from registry.models import Artifact, PendingObject
 from registry.services import janitor
-from registry.services.artifacts import artifact_upload, artifact_unwrap_dek
+from registry.services.artifacts import artifact_unwrap_dek, artifact_upload
 from tests.conftest import FILES, REGION, s3_client, use_kms, use_s3
 from tests.support.netproxy import TcpProxy
 from tests.support.objects import pattern, pattern_bytes, read_object, write_object
