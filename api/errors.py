@@ -94,10 +94,12 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, drf.APIException):
         set_rollback()
         headers = {}
-        if getattr(exc, "auth_header", None):
-            headers["WWW-Authenticate"] = exc.auth_header
-        if getattr(exc, "wait", None):
-            headers["Retry-After"] = str(int(exc.wait))
+        auth_header = getattr(exc, "auth_header", None)
+        if auth_header:
+            headers["WWW-Authenticate"] = auth_header
+        wait = getattr(exc, "wait", None)
+        if wait:
+            headers["Retry-After"] = str(int(wait))
         code = next((c for t, c in DRF_CODES.items() if isinstance(exc, t)), "error")
         if isinstance(exc, drf.ValidationError):
             return Response(
@@ -124,7 +126,8 @@ def registry_error_response(exc: RegistryError) -> JsonResponse:
 def handler500(request) -> JsonResponse:
     # Django calls this inside its `except` block: an outage raised outside any view (in a
     # middleware, say) still becomes a 503 rather than a 500.
-    mapped = as_registry_error(sys.exc_info()[1]) if sys.exc_info()[1] else None
+    current = sys.exc_info()[1]
+    mapped = as_registry_error(current) if current is not None else None
     if mapped is not None:
         return registry_error_response(mapped)
     return JsonResponse(

@@ -44,7 +44,7 @@ class CursorPagination(pagination.CursorPagination):
         if cursor is not None and cursor.position is not None:
             # DRF filters with the position as given: one that the ordering field cannot hold
             # would fail inside the query (a 500), so it is refused here.
-            _check_position(self._position_field, cursor.position)
+            _check_position(self._position_field, str(cursor.position))
         return cursor
 
     def get_page_size(self, request):
@@ -77,9 +77,10 @@ def cursor_by(field: str) -> type[CursorPagination]:
 def _ordering_field(model: type[models.Model], ordering) -> models.Field | None:
     name = (ordering if isinstance(ordering, str) else ordering[0]).lstrip("-")
     try:
-        return model._meta.get_field(name)
+        field = model._meta.get_field(name)
     except FieldDoesNotExist:
         return None
+    return field if isinstance(field, models.Field) else None
 
 
 def _check_position(field: models.Field | None, position: str) -> None:
