@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse, QueryDict, StreamingHttpResponse
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -38,10 +39,17 @@ FILTERS = [
 ]
 
 
-def _moment(params, name: str) -> datetime | None:
+# RFC 3339 date-time, as the schema's `format: date-time` promises (parse_datetime alone also
+# takes a space for the T, or no seconds).
+RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def _moment(params: QueryDict, name: str) -> datetime | None:
     raw = params.get(name)
-    if not raw:
+    if raw is None:
         return None
+    if not RFC3339_RE.match(raw):
+        raise InvalidInput(f"{name} must be an RFC 3339 time with a timezone", param=name)
     try:
         moment = parse_datetime(raw)
         # PostgreSQL refuses UTC offsets beyond 15:59 that Python accepts: send UTC.
@@ -53,16 +61,23 @@ def _moment(params, name: str) -> datetime | None:
     return moment
 
 
+def _choice(params: QueryDict, name: str, choices: list[str]) -> str:
+    value = params.get(name, "")
+    if value and value not in choices:
+        raise InvalidInput(f"{name} must be one of {', '.join(choices)}", param=name)
+    return value
+
+
 def audit_filters(request: Request) -> selectors.AuditFilters:
     params = request.query_params
     return selectors.AuditFilters(
         actor=params.get("actor", ""),
         token=params.get("token", ""),
-        action=params.get("action", ""),
+        action=_choice(params, "action", AuditAction.values),
         namespace=params.get("namespace", ""),
         target_prefix=params.get("target", ""),
         sha256=params.get("sha256", ""),
-        outcome=params.get("outcome", ""),
+        outcome=_choice(params, "outcome", AuditOutcome.values),
         since=_moment(params, "since"),
         until=_moment(params, "until"),
     )

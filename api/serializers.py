@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from registry.models import Role, TokenScope
+from registry.models import MODEL_NAME_RE, NAMESPACE_NAME_RE, Role, TokenScope
 from registry.services.uploads import upload_session_missing_parts
 
 
+class TextField(serializers.CharField):
+    """A CharField that takes only JSON strings (DRF's would turn 0 into "0")."""
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class NameField(serializers.RegexField):
+    """A name matching `regex`, given as a JSON string (not a number that would match)."""
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
 class NamespaceIn(serializers.Serializer):
-    name = serializers.CharField(max_length=63)
-    description = serializers.CharField(required=False, allow_blank=True, default="")
+    name = NameField(NAMESPACE_NAME_RE, max_length=63)
+    description = TextField(required=False, allow_blank=True, default="")
 
 
 class NamespacePatch(serializers.Serializer):
-    description = serializers.CharField(required=False, allow_blank=True)
+    description = TextField(required=False, allow_blank=True)
 
 
 class NamespaceOut(serializers.Serializer):
@@ -35,12 +53,12 @@ class MemberOut(serializers.Serializer):
 
 
 class ModelIn(serializers.Serializer):
-    name = serializers.CharField(max_length=128)
-    description = serializers.CharField(required=False, allow_blank=True, default="")
+    name = NameField(MODEL_NAME_RE, max_length=128)
+    description = TextField(required=False, allow_blank=True, default="")
 
 
 class ModelPatch(serializers.Serializer):
-    description = serializers.CharField(required=False, allow_blank=True)
+    description = TextField(required=False, allow_blank=True)
 
 
 class ModelOut(serializers.Serializer):
@@ -52,7 +70,7 @@ class ModelOut(serializers.Serializer):
 
 
 class VersionIn(serializers.Serializer):
-    description = serializers.CharField(required=False, allow_blank=True, default="")
+    description = TextField(required=False, allow_blank=True, default="")
 
 
 class ArtifactOut(serializers.Serializer):
@@ -113,7 +131,9 @@ class UploadOut(serializers.Serializer):
 
 class TokenIn(serializers.Serializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
-    scopes = serializers.ListField(child=serializers.ChoiceField(choices=TokenScope.choices))
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=TokenScope.choices), min_length=1
+    )
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
 

@@ -100,8 +100,9 @@ def rest_upload(
     r = session.put(
         url,
         data=body,
-        headers=reg.headers(**{"Content-Length": str(size),
-                               "Content-Type": "application/octet-stream"}),
+        headers=reg.headers(
+            **{"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        ),
         timeout=(10, 900),
     )
     end = time.perf_counter()
@@ -214,8 +215,11 @@ def bench_rest_fs(args: argparse.Namespace) -> None:
 
 def _s3_client(endpoint: str):
     return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id="testing", aws_secret_access_key="testing",  # moto's dummy keys
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # moto's dummy keys
     )
 
 
@@ -297,8 +301,14 @@ def bench_rest_s3(args: argparse.Namespace) -> None:
     ratio_record("rest_s3_vs_boto3_upload", up / base_up, REST_S3_TARGET)
     ratio_record("rest_s3_vs_boto3_download", down / base_down, REST_S3_TARGET)
     # Not a target: the same comparison against one streamed GET (see README).
-    emit({"bench": "rest_s3_vs_boto3_get_stream_download", "ratio": round(down / base_get, 3),
-          "target": None, "ok": None})
+    emit(
+        {
+            "bench": "rest_s3_vs_boto3_get_stream_download",
+            "ratio": round(down / base_get, 3),
+            "target": None,
+            "ok": None,
+        }
+    )
 
 
 def rss_for(size_mib: int) -> dict:

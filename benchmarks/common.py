@@ -377,32 +377,59 @@ class Registry(ChildProcess):
                 # measure on SQLite and say so (every figure carries its "db").
                 reason = str(exc).strip().splitlines()[-1][:300]
                 _pg_failed.append(reason)
-                emit({"bench": "note", "db": "sqlite",
-                      "message": f"PostgreSQL smr_bench unusable, using SQLite: {reason}"})
+                emit(
+                    {
+                        "bench": "note",
+                        "db": "sqlite",
+                        "message": f"PostgreSQL smr_bench unusable, using SQLite: {reason}",
+                    }
+                )
                 env["DATABASE_URL"] = self.sqlite_url()
                 self.db = "sqlite"
         if self.db == "sqlite":
             run_checked([PYTHON, "manage.py", "migrate", "--no-input", "-v", "0"], env=env)
-        self.token = run_checked(
-            [
-                PYTHON, "manage.py", "issue_token", "bench",
-                "--namespace", BENCH_NAMESPACE, "--role", "admin",
-                "--scopes", "read,write,admin", "--name", "bench",
-            ],
-            env=env,
-        ).strip().splitlines()[-1]
+        self.token = (
+            run_checked(
+                [
+                    PYTHON,
+                    "manage.py",
+                    "issue_token",
+                    "bench",
+                    "--namespace",
+                    BENCH_NAMESPACE,
+                    "--role",
+                    "admin",
+                    "--scopes",
+                    "read,write,admin",
+                    "--name",
+                    "bench",
+                ],
+                env=env,
+            )
+            .strip()
+            .splitlines()[-1]
+        )
         # Generate the keyring before the workers start, so they never race to create it.
         run_checked(
-            [PYTHON, "manage.py", "shell", "-c",
-             "from registry.keyconfig import local_keyring; local_keyring()"],
+            [
+                PYTHON,
+                "manage.py",
+                "shell",
+                "-c",
+                "from registry.keyconfig import local_keyring; local_keyring()",
+            ],
             env=env,
         )
         port = free_port()
         self.log_path = self.tmp / "gunicorn.log"
         self.proc = start_group(
             [
-                GUNICORN, "registry.wsgi:application", "-c", gunicorn_conf(),
-                "--bind", f"127.0.0.1:{port}",
+                GUNICORN,
+                "registry.wsgi:application",
+                "-c",
+                gunicorn_conf(),
+                "--bind",
+                f"127.0.0.1:{port}",
             ],
             env=env,
             log_path=self.log_path,

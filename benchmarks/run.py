@@ -51,8 +51,12 @@ def external_modules() -> list[Path]:
 def accepts(path: Path, option: str) -> bool:
     """Whether the module's --help mentions `option` (modules differ in what they take)."""
     result = subprocess.run(  # fixed argv, no shell
-        [common.PYTHON, str(path), "--help"], cwd=common.ROOT, capture_output=True, text=True,
-        timeout=60, check=False,
+        [common.PYTHON, str(path), "--help"],
+        cwd=common.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return option in result.stdout
 
@@ -78,7 +82,11 @@ def run_module(path: Path, args: argparse.Namespace) -> None:
 
 def _run_streaming(path: Path, name: str, argv: list[str], env: dict[str, str]) -> None:
     proc = subprocess.Popen(  # fixed argv, no shell
-        argv, cwd=common.ROOT, env=env, stdout=subprocess.PIPE, text=True,
+        argv,
+        cwd=common.ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -126,18 +134,24 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=sorted(BENCHMARKS), help="run only NAME (repeatable)"
     )
     parser.add_argument(
-        "--repeat", type=int, default=3,
+        "--repeat",
+        type=int,
+        default=3,
         help="rest_fs: measure N times (fresh servers), report medians (default 3)",
     )
     parser.add_argument(
-        "--s3-repeat", type=int, default=1,
+        "--s3-repeat",
+        type=int,
+        default=1,
         help="rest_s3: the same (default 1: boto3's download_fileobj is slow on moto)",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 2 if any target is missed"
     )
     parser.add_argument(
-        "--results-dir", type=Path, default=common.ROOT / "bench-results",
+        "--results-dir",
+        type=Path,
+        default=common.ROOT / "bench-results",
         help="where <timestamp>.jsonl is written",
     )
     args = parser.parse_args(argv)

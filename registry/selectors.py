@@ -287,6 +287,8 @@ def audit_log_verifier_check(*, principal: Principal) -> None:
 
 @dataclass(frozen=True)
 class AuditFilters:
+    """Narrowing of an audit-event listing; empty strings and None mean "any"."""
+
     actor: str = ""
     token: str = ""
     action: str = ""

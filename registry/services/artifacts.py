@@ -50,7 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 def artifact_object_key(artifact_id: uuid.UUID) -> str:
-    # Names never reach the store: keys are opaque ids, so a bucket listing leaks nothing.
+    """The object-store key of an artifact's ciphertext.
+
+    Names never reach the store: keys are opaque ids, so a bucket listing leaks nothing.
+    """
     return f"artifacts/{artifact_id}"
 
 
@@ -79,6 +82,7 @@ def file_target(version: ModelVersion, path: str) -> str:
 
 
 def artifact_context(artifact: Artifact) -> dict[str, str]:
+    """The KMS encryption context of a stored artifact's data key."""
     return encryption_context(artifact.version, artifact.path, artifact.id)
 
 

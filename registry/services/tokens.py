@@ -32,6 +32,8 @@ DEFAULT_EXPIRY = _Default.EXPIRY
 
 @dataclass(frozen=True)
 class IssuedToken:
+    """A new token and its plaintext, which exists only in this object."""
+
     token: ApiToken
     plaintext: str  # returned to the caller once; never stored or logged
 

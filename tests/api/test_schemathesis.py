@@ -22,8 +22,10 @@ SEED = 1
 # Spots where the schema and the server still disagree, each switched off for its operation
 # only, with the reason. Remove an entry once its fix lands: the run then checks it again.
 V = "/api/v1/namespaces/{ns}/models/{model}/versions"
-_DESCRIPTION = "`description: 0` is accepted as the string '0' (DRF CharField coerces numbers)."
 KNOWN_GAPS: dict[tuple[str, str], str] = {
+    ("POST /api/v1/tokens", "positive_data_acceptance"): (
+        "`expires_at` must be in the future, which a schema cannot say (a past one is a 400)."
+    ),
     (f"GET {V}/{{number}}/files/{{path}}", "positive_data_acceptance"): (
         "`path` has no schema pattern for the characters validate_artifact_path refuses."
     ),
@@ -33,26 +35,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     (f"DELETE {V}/{{number}}/files/{{path}}", "positive_data_acceptance"): (
         "`path` has no schema pattern for the characters validate_artifact_path refuses."
     ),
-    ("POST /api/v1/namespaces", "positive_data_acceptance"): (
-        "`name` has no schema pattern for the namespace name rule."
-    ),
-    ("POST /api/v1/namespaces/{ns}/models", "positive_data_acceptance"): (
-        "`name` has no schema pattern for the model name rule."
-    ),
-    ("POST /api/v1/tokens", "positive_data_acceptance"): (
-        "`scopes` is not documented as a non-empty list of the known scopes."
-    ),
-    ("GET /api/v1/audit/events", "negative_data_rejection"): (
-        "an `action` outside the documented enum is accepted (matches nothing)."
-    ),
-    ("GET /api/v1/audit/events/export", "negative_data_rejection"): (
-        "`since`/`until` accept times the date-time format does not."
-    ),
-    ("POST /api/v1/namespaces", "negative_data_rejection"): _DESCRIPTION,
-    ("PATCH /api/v1/namespaces/{ns}", "negative_data_rejection"): _DESCRIPTION,
-    ("POST /api/v1/namespaces/{ns}/models", "negative_data_rejection"): _DESCRIPTION,
-    ("PATCH /api/v1/namespaces/{ns}/models/{model}", "negative_data_rejection"): _DESCRIPTION,
-    (f"POST {V}", "negative_data_rejection"): _DESCRIPTION,
 }
 
 CONFIG = """
