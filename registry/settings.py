@@ -136,8 +136,16 @@ DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'registry.sqlite3'}") or "",
         conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        # A persistent connection that died while idle (database restarted) is replaced at the
+        # next request instead of failing it.
+        conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that silently drops packets answers a prompt 503, not a hung request.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env_int("DB_CONNECT_TIMEOUT", 5)
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Embedded mode: BEGIN IMMEDIATE serialises writers, as the audit log's advisory lock
     # does on PostgreSQL, and avoids "database is locked" upgrade deadlocks.
@@ -169,6 +177,10 @@ SMR_UPLOAD_PART_SIZE = env_int("SMR_UPLOAD_PART_SIZE", 64 << 20)
 SMR_UPLOAD_SESSION_TTL = env_int("SMR_UPLOAD_SESSION_TTL", 7 * 24 * 3600)
 # Default lifetime of personal access tokens in days (0 = never expires).
 SMR_TOKEN_DEFAULT_DAYS = env_int("SMR_TOKEN_DEFAULT_DAYS", 90)
+# Refused accesses recorded per actor and namespace per window; more are counted, not logged
+# one by one (registry/services/denials.py), so a flood cannot grow the audit log unboundedly.
+SMR_DENIED_AUDIT_BURST = env_int("SMR_DENIED_AUDIT_BURST", 10)
+SMR_DENIED_AUDIT_WINDOW = env_int("SMR_DENIED_AUDIT_WINDOW", 60)
 
 # Object store: "fs" (a folder) or "s3" (any S3-compatible endpoint).
 SMR_STORAGE = env("SMR_STORAGE", "fs")

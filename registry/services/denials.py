@@ -16,17 +16,11 @@ from registry.models import AuditAction, AuditOutcome
 from registry.services.audit import audit_record_now
 
 
-def _limits() -> tuple[int, int]:
-    burst = int(getattr(settings, "SMR_DENIED_AUDIT_BURST", 10))
-    window = int(getattr(settings, "SMR_DENIED_AUDIT_WINDOW", 60))
-    return burst, window
-
-
 def access_denied_record(
     *, user: str, namespace: str, target: str, operation: str, reason: str
 ) -> bool:
     """Record one refused access (in its own transaction); False if it was folded."""
-    burst, window = _limits()
+    burst, window = settings.SMR_DENIED_AUDIT_BURST, settings.SMR_DENIED_AUDIT_WINDOW
     key = f"smr:denied:{user}:{namespace}"
     cache.add(f"{key}:n", 0, timeout=window)
     try:

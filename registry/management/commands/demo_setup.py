@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
 from registry.embedded import embedded_prepare
-from registry.models import Membership, Namespace, Role
+from registry.models import Membership, Namespace, Role, TokenScope
 from registry.services import audit, catalog, tokens
 
 
@@ -55,9 +55,7 @@ class Command(BaseCommand):
                 catalog.member_set(namespace=ns, username=user.get_username(), role=Role.ADMIN)
         raw = token_file.read_text().strip() if token_file.exists() else ""
         if not raw or tokens.token_authenticate(raw) is None:
-            raw = tokens.token_create(
-                user=user, scopes=["read", "write", "review", "admin"], name="demo"
-            ).plaintext
+            raw = tokens.token_create(user=user, scopes=list(TokenScope), name="demo").plaintext
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that exists
             with os.fdopen(fd, "w") as fh:
