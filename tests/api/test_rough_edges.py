@@ -264,3 +264,14 @@ def test_a_complete_download_has_no_follow_up(actors, stored):
     r = actors.client("alice").get(f"{FILES}/w.bin")
     assert body(r) == stored  # the test client closes the response at the end
     assert [e.action for e in events_after(before)] == [AuditAction.ARTIFACT_DOWNLOAD]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"action": "artifact.steal"}, {"outcome": "maybe"}, {"since": ""}, {"until": "2026-01-01"}],
+)
+def test_audit_filters_outside_their_type_are_400(actors, query):
+    # They used to match nothing (or nothing was filtered), which hides typos in an audit query.
+    r = actors.client("dave").get(f"{AUDIT}/events", query)
+    assert r.status_code == 400
+    assert r.json()["extra"] == {"param": next(iter(query))}
