@@ -1,0 +1,106 @@
+"""The contract every format analyser follows. Pure Python over byte sources: no Django, no
+network, never unpickles, imports or executes what it reads.
+
+A `Source` is random-access plaintext (the registry's is the segment-addressable decryption of
+an artifact, so an analyser that reads only headers decrypts only those segments). Analysers
+read what a real loader would read, and no more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+SCANNER_VERSION = "1.0.0"  # bump whenever rules change: reports record it, admins re-scan
+
+
+class Severity(IntEnum):
+    """Ordered: a namespace quarantines at or above its threshold."""
+
+    INFO = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    CRITICAL = 4
+
+    @classmethod
+    def parse(cls, name: str) -> Severity:
+        return cls[name.upper()]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in one file (or one member of an archive inside it).
+
+    `rule` is a stable id (e.g. "pickle.global.not_allowed"); `member` names the archive member
+    path, nested members joined with "!" ("outer.zip!inner/data.pkl"), "" for the file itself;
+    `offset` is the byte offset within that member (or file) where the problem starts;
+    `reference` is what the content refers to (e.g. "os.system", an external-data location).
+    """
+
+    rule: str
+    severity: Severity
+    message: str
+    member: str = ""
+    offset: int | None = None
+    reference: str = ""
+
+
+class Source(Protocol):
+    """Random-access plaintext of one file."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) (clamped to the size)."""
+        ...
+
+
+@dataclass
+class ScanResult:
+    """What an analyser made of one file: its findings and which formats it recognised."""
+
+    findings: list[Finding] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+
+
+class BytesSource:
+    """A Source over bytes in memory (tests, small archive members)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, start: int, end: int) -> bytes:
+        return self._data[max(0, start) : max(0, min(end, len(self._data)))]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep a hostile file from exhausting the worker (exceeding one is a finding)."""
+
+    max_depth: int = 4  # archives inside archives
+    max_members: int = 100_000
+    max_expanded: int = 64 << 30  # total uncompressed bytes of one file's archive members
+    max_ratio: int = 200  # uncompressed / compressed size of one member
+    max_pickle: int = 1 << 30  # bytes of one pickle stream walked
+    max_unknown: int = 64 << 20  # bytes of an unrecognised file searched for embedded pickles
+
+
+@dataclass(frozen=True)
+class ScanContext:
+    """Where an analyser is: limits, archive depth and the member path so far."""
+
+    limits: Limits = Limits()
+    depth: int = 0
+    member: str = ""
+
+    def inside(self, member: str) -> ScanContext:
+        """The context of an archive member one level down."""
+        joined = f"{self.member}!{member}" if self.member else member
+        return ScanContext(limits=self.limits, depth=self.depth + 1, member=joined)
