@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from registry.models import MODEL_NAME_RE, NAMESPACE_NAME_RE, Role, TokenScope
+from registry import selectors
+from registry.models import (
+    MODEL_NAME_RE,
+    NAMESPACE_NAME_RE,
+    SEVERITY_CHOICES,
+    JobKind,
+    JobState,
+    Role,
+    ScanVerdict,
+    TokenScope,
+)
 from registry.services.uploads import upload_session_missing_parts
 
 
@@ -92,12 +103,94 @@ class VersionOut(serializers.Serializer):
     submitted_at = serializers.DateTimeField(allow_null=True)
 
 
+class ScanFindingOut(serializers.Serializer):
+    rule = serializers.CharField()
+    severity = serializers.ChoiceField(choices=[c for c, _ in SEVERITY_CHOICES])
+    message = serializers.CharField()
+    member = serializers.CharField()
+    offset = serializers.IntegerField(allow_null=True)
+    reference = serializers.CharField()
+
+
+class ScanSummaryOut(serializers.Serializer):
+    """The latest scan of one file, as shown in the version's JSON."""
+
+    path = serializers.CharField(source="artifact.path")
+    sha256 = serializers.CharField()
+    verdict = serializers.ChoiceField(choices=ScanVerdict.choices)
+    max_severity = serializers.CharField()
+    finding_count = serializers.SerializerMethodField()
+    scanner_version = serializers.CharField()
+    job = serializers.UUIDField(source="job_id")
+    created_at = serializers.DateTimeField()
+
+    def get_finding_count(self, obj) -> int:
+        return len(obj.findings)
+
+
+class VersionScanOut(ScanSummaryOut):
+    findings = ScanFindingOut(many=True, allow_null=True)
+
+
+class ScanReportOut(ScanSummaryOut):
+    id = serializers.IntegerField()
+    formats = serializers.ListField(child=serializers.CharField())
+    findings = ScanFindingOut(many=True)
+    bytes_read = serializers.IntegerField()
+
+
 class VersionDetailOut(VersionOut):
     files = ArtifactOut(many=True, source="artifacts.all")
     total_size = serializers.SerializerMethodField()
+    submitted_by = serializers.CharField(source="submitted_by.username", default=None)
+    scan_job = serializers.UUIDField(source="scan_job_id", allow_null=True)
+    scans = serializers.SerializerMethodField(
+        help_text="The latest scan of each file. `findings` is null for callers who may not "
+        "see why a quarantined version was quarantined (only its owner and admins may)."
+    )
 
     def get_total_size(self, obj) -> int:
         return sum(a.size for a in obj.artifacts.all())
+
+    @extend_schema_field(VersionScanOut(many=True))
+    def get_scans(self, obj) -> list[dict]:
+        principal = self.context.get("principal")
+        visible = principal is not None and selectors.scan_findings_visible(
+            principal=principal, version=obj
+        )
+        out = []
+        for report in selectors.scan_reports_latest(version=obj):
+            item = dict(ScanSummaryOut(report).data)
+            item["findings"] = ScanFindingOut(report.findings, many=True).data if visible else None
+            out.append(item)
+        return out
+
+
+class JobOut(serializers.Serializer):
+    id = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=JobKind.choices)
+    state = serializers.ChoiceField(choices=JobState.choices)
+    progress = serializers.FloatField(min_value=0, max_value=1)
+    progress_message = serializers.CharField()
+    attempts = serializers.IntegerField()
+    namespace = serializers.CharField(source="namespace.name")
+    model = serializers.CharField(source="version.model.name", default=None)
+    version = serializers.IntegerField(source="version.number", default=None)
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    created_at = serializers.DateTimeField()
+    enqueued_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    error_code = serializers.CharField()
+    error_message = serializers.CharField()
+    result = serializers.JSONField()
+
+
+class VersionJobOut(serializers.Serializer):
+    """A version that has just been handed to a job (202 Accepted): poll the job."""
+
+    version = VersionDetailOut()
+    job = JobOut()
 
 
 class UploadIn(serializers.Serializer):

@@ -41,6 +41,8 @@ urlpatterns = [
     path(f"{M}/versions", views.VersionListView.as_view()),
     path(V, views.VersionDetailView.as_view()),
     path(f"{V}/submit", views.VersionSubmitView.as_view()),
+    path(f"{V}/rescan", views.VersionRescanView.as_view()),
+    path(f"{V}/scans", views.ScanReportListView.as_view()),
     path(f"{V}/files", files.FileListView.as_view()),
     path(f"{V}/files/<apath:path>", files.FileView.as_view()),
     path(f"{V}/uploads", files.UploadCreateView.as_view()),
@@ -52,6 +54,8 @@ urlpatterns = [
     path("audit/checkpoints", audit.AuditCheckpointListView.as_view()),
     path("audit/checkpoint-key", audit.AuditKeyView.as_view()),
     path("audit/verify", audit.AuditVerifyView.as_view()),
+    path("jobs", views.JobListView.as_view()),
+    path("jobs/<uuid:job_id>", views.JobDetailView.as_view()),
     path("tokens", views.TokenListView.as_view()),
     path("tokens/<str:token_id>", views.TokenDetailView.as_view()),
 ]

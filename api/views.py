@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from rest_framework.views import APIView
 
 from api.pagination import cursor_by
 from api.serializers import (
+    JobOut,
     MemberIn,
     MemberOut,
     ModelIn,
@@ -25,18 +27,20 @@ from api.serializers import (
     NamespaceIn,
     NamespaceOut,
     NamespacePatch,
+    ScanReportOut,
     TokenCreatedOut,
     TokenIn,
     TokenOut,
     VersionDetailOut,
     VersionIn,
+    VersionJobOut,
     VersionOut,
 )
 from registry import selectors
 from registry.access import Action, Principal
 from registry.errors import InvalidInput
-from registry.models import ApiToken
-from registry.services import catalog, tokens
+from registry.models import ApiToken, Job, ModelVersion
+from registry.services import catalog, scanning, tokens
 
 
 def user_of(request: Request) -> User:
@@ -207,27 +211,92 @@ class VersionListView(ListView):
 class VersionDetailView(APIView):
     @extend_schema(responses=VersionDetailOut)
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
         version = selectors.version_get_for_user(
-            principal=principal_of(request),
+            principal=principal,
             namespace=ns,
             model=model,
             number=number,
             action=Action.READ,
         )
-        return Response(VersionDetailOut(version).data)
+        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+
+
+def version_job_response(principal: Principal, version: ModelVersion, job: Job) -> Response:
+    body = {
+        "version": VersionDetailOut(version, context={"principal": principal}).data,
+        "job": JobOut(job).data,
+    }
+    return Response(body, status=status.HTTP_202_ACCEPTED)
 
 
 class VersionSubmitView(APIView):
-    @extend_schema(request=None, responses=VersionDetailOut)
+    @extend_schema(
+        request=None,
+        responses={202: VersionJobOut},
+        description="Freeze the draft's files and start scanning them: the version moves to "
+        "`scanning` and a scan job is queued. Poll `GET /jobs/{id}`; the scan moves the "
+        "version to `pending_review` (clean) or `quarantined`.",
+    )
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
         version = selectors.version_get_for_user(
-            principal=principal_of(request),
+            principal=principal,
             namespace=ns,
             model=model,
             number=number,
             action=Action.WRITE,
         )
-        return Response(VersionDetailOut(catalog.version_submit(version=version)).data)
+        version, job = catalog.version_submit(version=version, submitter=user_of(request))
+        return version_job_response(principal, version, job)
+
+
+class VersionRescanView(APIView):
+    @extend_schema(
+        request=None,
+        responses={202: VersionJobOut},
+        description="Scan a pending_review or quarantined version again (namespace admins), "
+        "e.g. after the scanner's rules were updated. Every report records the scanner version.",
+    )
+    def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
+        version = selectors.version_get_for_user(
+            principal=principal,
+            namespace=ns,
+            model=model,
+            number=number,
+            action=Action.MANAGE,
+        )
+        version, job = scanning.version_rescan(version=version, requested_by=user_of(request))
+        return version_job_response(principal, version, job)
+
+
+class ScanReportListView(ListView):
+    pagination_class = cursor_by("-created_at")
+
+    @extend_schema(responses=ScanReportOut(many=True))
+    def get(self, request: Request, ns: str, model: str, number: int) -> Response:
+        qs = selectors.scan_report_list_for_user(
+            principal=principal_of(request), namespace=ns, model=model, number=number
+        )
+        return self.page(request, qs, ScanReportOut)
+
+
+class JobListView(ListView):
+    pagination_class = cursor_by("-created_at")
+
+    @extend_schema(responses=JobOut(many=True))
+    def get(self, request: Request) -> Response:
+        return self.page(
+            request, selectors.job_list_for_user(principal=principal_of(request)), JobOut
+        )
+
+
+class JobDetailView(APIView):
+    @extend_schema(responses=JobOut)
+    def get(self, request: Request, job_id: uuid.UUID) -> Response:
+        job = selectors.job_get_for_user(principal=principal_of(request), job_id=job_id)
+        return Response(JobOut(job).data)
 
 
 class TokenListView(ListView):

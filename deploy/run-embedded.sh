@@ -9,7 +9,8 @@ umask 077
 BIN=.venv/bin
 VAR="${SMR_VAR_DIR:-var}"
 mkdir -p "$VAR/celery"
-"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning \
+# One worker consumes every queue here: `celery` (periodic housekeeping) and `scan`.
+"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan \
   --schedule "$VAR/celery/beat-schedule" >"$VAR/celery/worker.log" 2>&1 &
 worker=$!
 trap 'kill "$worker" 2>/dev/null || true' EXIT INT TERM

@@ -136,3 +136,28 @@ class DatabaseUnavailable(RegistryError):
     code = "database_unavailable"
     status = 503
     default_message = "The database is unavailable; nothing was changed. Retry later."
+
+
+class VersionNotScannable(Conflict):
+    code = "version_not_rescannable"
+    default_message = (
+        "Only a version that is pending review or quarantined (or whose scan failed) can be "
+        "scanned again; wait for the running scan to finish."
+    )
+
+
+class ScanGateNotClean(Conflict):
+    # Stable: issue 8's review endpoint names this gate when it refuses.
+    code = "gate_scan_not_clean"
+    default_message = (
+        "The version has no clean scan: it is still being scanned or was quarantined. "
+        "Fix the files in a new version, or ask an admin to re-scan after a scanner update."
+    )
+
+
+class VersionQuarantined(PermissionDenied):
+    code = "version_quarantined"
+    default_message = (
+        "This version was quarantined by the scanner; only its owner and the namespace's "
+        "admins can read its files and findings."
+    )

@@ -1,4 +1,4 @@
-"""Domain tables: namespaces, members, models, versions, artifacts, uploads, tokens.
+"""Domain tables: namespaces, members, models, versions, artifacts, uploads, tokens, jobs.
 
 Models hold fields and constraints only; every state change lives in registry/services/.
 """
@@ -18,6 +18,9 @@ from registry.paths import validate_visible_text
 # \Z, not $: '$' also matches before a trailing newline, which let "bert\n" through.
 NAMESPACE_NAME_RE = r"^[a-z0-9](?:[a-z0-9-]{0,62})\Z"
 MODEL_NAME_RE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,127})\Z"
+# registry.scanners.Severity names, lowercase (the scanners import no Django, and models
+# import no scanner).
+SEVERITY_CHOICES = [(s, s) for s in ("info", "low", "medium", "high", "critical")]
 
 
 class Role(models.TextChoices):
@@ -42,6 +45,11 @@ class Namespace(models.Model):
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    # A scan finding at or above this severity quarantines a version (a Severity name).
+    # The namespace approval policy (issue 8) takes this over.
+    scan_quarantine_severity = models.CharField(
+        max_length=16, choices=SEVERITY_CHOICES, default="medium"
+    )
 
     class Meta:
         constraints = [
@@ -148,6 +156,14 @@ class ModelVersion(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     submitted_at = models.DateTimeField(null=True, blank=True)
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The scan job whose result decides this version's state: the conditional UPDATE that
+    # ends a scan matches on it, so a stale or duplicated job can never move the version.
+    scan_job = models.ForeignKey(
+        "Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         constraints = [
@@ -299,6 +315,10 @@ class AuditAction(models.TextChoices):
     MODEL_DELETE = "model.delete"
     VERSION_CREATE = "version.create"
     VERSION_SUBMIT = "version.submit"
+    VERSION_SCAN = "version.scan"
+    VERSION_RESCAN = "version.rescan"
+    JOB_CREATE = "job.create"
+    JOB_FAIL = "job.fail"
     ARTIFACT_UPLOAD = "artifact.upload"
     ARTIFACT_DOWNLOAD = "artifact.download"
     # Follow-up to a download the client cut short: what was actually sent.
@@ -314,6 +334,101 @@ class AuditAction(models.TextChoices):
     AUDIT_CHECKPOINT = "audit.checkpoint"
     AUDIT_VERIFY = "audit.verify"
     AUDIT_EXPORT = "audit.export"
+
+
+class JobKind(models.TextChoices):
+    SCAN = "scan"
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+class Job(models.Model):
+    """One unit of background work. The row is also the outbox: a job still `queued` whose
+    message may have been lost is sent again by `registry.services.jobs.jobs_dispatch`."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=16, choices=JobKind.choices)
+    state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
+    progress = models.FloatField(default=0.0)
+    progress_message = models.CharField(max_length=300, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="jobs")
+    version = models.ForeignKey(
+        "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    result = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=models.Q(kind__in=JobKind.values), name="job_kind"),
+            models.CheckConstraint(
+                condition=models.Q(state__in=JobState.values), name="job_state_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(progress__gte=0) & models.Q(progress__lte=1),
+                name="job_progress_range",
+            ),
+        ]
+        indexes = [
+            # jobs_dispatch looks for queued jobs by age.
+            models.Index(fields=["state", "enqueued_at"], name="job_state_enqueued_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} job {self.id} ({self.state})"
+
+
+class ScanVerdict(models.TextChoices):
+    CLEAN = "clean"
+    FINDINGS = "findings"
+    UNANALYSABLE = "unanalysable"
+
+
+class ScanReport(models.Model):
+    """What one scan run found in one artifact, tied to the artifact's digest."""
+
+    artifact = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="scan_reports")
+    sha256 = models.CharField(max_length=64)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="scan_reports")
+    scanner_version = models.CharField(max_length=32)
+    formats = models.JSONField(default=list)
+    # [{rule, severity (name), message, member, offset, reference}]
+    findings = models.JSONField(default=list)
+    max_severity = models.CharField(max_length=16, blank=True, default="")
+    verdict = models.CharField(max_length=16, choices=ScanVerdict.choices)
+    # Plaintext bytes decrypted to scan the file (analysers read headers, not whole blobs).
+    bytes_read = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # One report per file per scan run: a duplicated task cannot write a second set.
+            models.UniqueConstraint(fields=["job", "artifact"], name="scan_report_unique_run"),
+            models.CheckConstraint(
+                condition=models.Q(verdict__in=ScanVerdict.values), name="scan_verdict_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"scan of {self.artifact_id} by {self.job_id}: {self.verdict}"
 
 
 class AuditOutcome(models.TextChoices):

@@ -15,17 +15,19 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from registry.access import Action, Principal, principal_allows
-from registry.errors import NotFound, PermissionDenied
+from registry.errors import NotFound, PermissionDenied, VersionQuarantined
 from registry.models import (
     ApiToken,
     Artifact,
     AuditCheckpoint,
     AuditEvent,
+    Job,
     Membership,
     ModelVersion,
     Namespace,
     RegisteredModel,
     Role,
+    ScanReport,
     TokenScope,
     UploadSession,
     VersionState,
@@ -163,7 +165,8 @@ def version_get_for_user(
 ) -> ModelVersion:
     """Version `number` of a model if the caller may do `action` on it.
 
-    Downloads by viewers are limited to released (approved or deprecated) versions.
+    Downloads by viewers are limited to released (approved or deprecated) versions; the
+    files of a quarantined version only to its owner and the namespace's admins.
     """
     target = target or audit_target(namespace, model, number)
     m = model_get_for_user(
@@ -183,7 +186,90 @@ def version_get_for_user(
             raise PermissionDenied(
                 "Viewers can download approved versions only.", state=version.state
             )
+        if version.state == VersionState.QUARANTINED and not _owner_or_admin(
+            principal, version, role
+        ):
+            _denied(principal, m.namespace, action, target, reason="version quarantined")
+            raise VersionQuarantined(state=version.state)
     return version
+
+
+def _owner_or_admin(principal: Principal, version: ModelVersion, role: str | None) -> bool:
+    uid = principal.user.pk
+    return role == Role.ADMIN or uid in (version.created_by_id, version.submitted_by_id)
+
+
+def scan_findings_visible(*, principal: Principal, version: ModelVersion) -> bool:
+    """Whether the caller may read the scan findings of `version` (already readable to them).
+
+    A quarantined version's findings say how to attack a loader; only its owner (creator or
+    submitter) and the namespace's admins see them. Findings of other versions are for every
+    reader: reviewers need them.
+    """
+    if version.state != VersionState.QUARANTINED:
+        return True
+    role = role_for(principal=principal, namespace=version.model.namespace)
+    return _owner_or_admin(principal, version, role)
+
+
+def scan_reports_latest(*, version: ModelVersion) -> list[ScanReport]:
+    """The reports of the version's most recent finished scan (one per file); no permission
+    check: for callers that already hold a version read through version_get_for_user."""
+    latest = (
+        ScanReport.objects.filter(artifact__version=version)
+        .order_by("-created_at")
+        .values_list("job_id", flat=True)
+        .first()
+    )
+    if latest is None:
+        return []
+    return list(
+        ScanReport.objects.filter(job_id=latest)
+        .select_related("artifact")
+        .order_by("artifact__path")
+    )
+
+
+def scan_report_list_for_user(
+    *, principal: Principal, namespace: str, model: str, number: int
+) -> QuerySet[ScanReport]:
+    """Every scan report of a version, newest first (owner and admins only when quarantined)."""
+    target = audit_target(namespace, model, number) + "/scans"
+    version = version_get_for_user(
+        principal=principal,
+        namespace=namespace,
+        model=model,
+        number=number,
+        action=Action.READ,
+        target=target,
+    )
+    if not scan_findings_visible(principal=principal, version=version):
+        _denied(principal, version.model.namespace, Action.READ, target, reason="quarantined")
+        raise VersionQuarantined(state=version.state)
+    return ScanReport.objects.filter(artifact__version=version).select_related("artifact")
+
+
+def job_list_for_user(*, principal: Principal) -> QuerySet[Job]:
+    """Jobs of every namespace the caller may read (superusers: all)."""
+    if not principal.has_scope(TokenScope.READ):
+        raise PermissionDenied("Listing jobs needs a token with the 'read' scope.")
+    qs = Job.objects.select_related("namespace", "version__model")
+    if principal.user.is_superuser:
+        return qs
+    readable = [
+        m.namespace_id
+        for m in Membership.objects.filter(user=principal.user)
+        if principal_allows(principal, m.role, Action.READ)
+    ]
+    return qs.filter(namespace_id__in=readable)
+
+
+def job_get_for_user(*, principal: Principal, job_id: uuid.UUID) -> Job:
+    """One job, if it belongs to a namespace the caller may read (NotFound otherwise)."""
+    job = job_list_for_user(principal=principal).filter(pk=job_id).first()
+    if job is None:
+        raise NotFound("No such job, or it belongs to a namespace you are not a member of.")
+    return job
 
 
 def artifact_list_for_user(

@@ -232,11 +232,37 @@ if CELERY_BROKER_URL == "filesystem://":
         "control_folder": str(_celery_dir / "control"),
         "store_processed": False,
     }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # Redis hands an unacknowledged message (its worker died: acks_late) to another worker
+        # after this many seconds. It must exceed the longest task, or a running task is
+        # delivered twice (harmless: tasks are idempotent, but wasteful).
+        "visibility_timeout": env_int("SMR_BROKER_VISIBILITY_TIMEOUT", 7200),
+    }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
+# One queue per kind of work, so a flood of uploads to scan cannot starve signing or DP
+# training; periodic housekeeping stays on the default `celery` queue.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_TASK_ROUTES = {"workers.tasks.version_scan": {"queue": "scan"}}
+# A scan past the soft limit fails its job cleanly; the hard limit kills the pool process.
+SMR_SCAN_SOFT_TIME_LIMIT = env_int("SMR_SCAN_SOFT_TIME_LIMIT", 3300)
+SMR_SCAN_TIME_LIMIT = env_int("SMR_SCAN_TIME_LIMIT", 3600)
+# The job outbox: a job whose enqueue failed is sent again after SMR_JOB_UNSENT_AFTER
+# seconds, one still queued SMR_JOB_REDISPATCH_AFTER seconds after it was sent is sent again;
+# jobs_dispatch runs every SMR_JOB_DISPATCH_INTERVAL seconds. A job whose worker died
+# SMR_JOB_MAX_ATTEMPTS times fails.
+SMR_JOB_UNSENT_AFTER = env_int("SMR_JOB_UNSENT_AFTER", 30)
+SMR_JOB_REDISPATCH_AFTER = env_int("SMR_JOB_REDISPATCH_AFTER", 7800)
+SMR_JOB_DISPATCH_INTERVAL = env_int("SMR_JOB_DISPATCH_INTERVAL", 30)
+SMR_JOB_MAX_ATTEMPTS = env_int("SMR_JOB_MAX_ATTEMPTS", 5)
 CELERY_BEAT_SCHEDULE = {
+    "jobs-dispatch": {
+        "task": "workers.tasks.jobs_dispatch",
+        "schedule": SMR_JOB_DISPATCH_INTERVAL,
+    },
     "audit-checkpoint": {
         "task": "workers.tasks.audit_checkpoint",
         "schedule": SMR_AUDIT_CHECKPOINT_INTERVAL,

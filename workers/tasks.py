@@ -1,14 +1,78 @@
-"""Periodic and on-demand tasks. Each is idempotent: running twice changes nothing more."""
+"""Periodic and on-demand tasks. Each is idempotent: running twice changes nothing more.
+
+Tasks are thin: they take ids, call one service, and retry only transient errors (database,
+object store or key service unavailable) with exponential backoff.
+"""
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
+from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.db import OperationalError
 
-from registry import storage
-from registry.services import audit, janitor
+from registry import errors, storage
+from registry.services import audit, janitor, jobs, scanning
+
+# What a retry can fix. Anything else is a bug or bad input: retrying would not help.
+TRANSIENT = (OperationalError, errors.StorageUnavailable, errors.KeyServiceUnavailable)
+
+
+class JobTask(Task):
+    """A task whose first argument is a Job id: a final failure fails the job (audited).
+
+    A worker killed mid-task never gets here: with acks_late and reject_on_worker_lost the
+    message goes back to the queue and the next delivery claims the job again.
+    """
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = args[0] if args else kwargs.get("job_id")
+        if job_id is None:
+            return
+        if isinstance(exc, SoftTimeLimitExceeded):
+            code, message = "time_limit", "The job ran past its time limit."
+        elif isinstance(exc, errors.RegistryError):
+            code, message = exc.code, exc.message
+        else:
+            # Details stay in the worker log; the job names only the kind of failure.
+            code, message = "internal_error", f"The job failed ({type(exc).__name__})."
+        audit.context_set_system(f"worker:{self.name.rsplit('.', 1)[-1]}")
+        jobs.job_fail(job_id=uuid.UUID(str(job_id)), code=code, message=message)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=600,
+    # Fewer than SMR_JOB_MAX_ATTEMPTS (each retry is an attempt), leaving room for a crash.
+    max_retries=3,
+    soft_time_limit=settings.SMR_SCAN_SOFT_TIME_LIMIT,
+    time_limit=settings.SMR_SCAN_TIME_LIMIT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def version_scan(self: Task, job_id: str) -> str | None:
+    """Scan a submitted version's files and move it to pending_review or quarantined."""
+    try:
+        job = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return scanning.version_scan(job_id=job)
+
+
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
+def jobs_dispatch() -> int:
+    """Send again queued jobs whose message was lost (the broker was down at commit)."""
+    audit.context_set_system("worker:jobs_dispatch")
+    return jobs.jobs_dispatch()
 
 
 @shared_task(

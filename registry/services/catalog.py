@@ -25,6 +25,7 @@ from registry.errors import (
 from registry.models import (
     Artifact,
     AuditAction,
+    Job,
     Membership,
     ModelTombstone,
     ModelVersion,
@@ -36,6 +37,7 @@ from registry.models import (
     UploadPart,
     VersionState,
 )
+from registry.services import scanning
 from registry.services.audit import audit_record, audit_target
 from registry.services.pending import pending_discard
 
@@ -285,15 +287,21 @@ def version_create(*, model: RegisteredModel, description: str = "", creator: Us
         return version
 
 
-def version_submit(*, version: ModelVersion) -> ModelVersion:
-    """Freeze a draft's files and hand it to review.
+def version_submit(
+    *, version: ModelVersion, submitter: User | None = None
+) -> tuple[ModelVersion, Job]:
+    """Freeze a draft's files and hand it to the scanners: draft -> scanning, with a scan job.
 
     The version row lock orders this against uploads registering files: a file lands before
-    the submit or not at all. Until the scanning workers exist, a submitted version goes
-    straight to pending_review.
+    the submit or not at all. The job is enqueued once this commits; the scan then moves the
+    version to pending_review or quarantined (registry.services.scanning).
     """
     with transaction.atomic():
-        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        locked = (
+            ModelVersion.objects.select_for_update()
+            .select_related("model__namespace")
+            .get(pk=version.pk)
+        )
         if locked.state != VersionState.DRAFT:
             raise VersionNotDraft(
                 f"Version {locked.number} is {locked.state}; only drafts can be submitted.",
@@ -301,13 +309,14 @@ def version_submit(*, version: ModelVersion) -> ModelVersion:
             )
         if not Artifact.objects.filter(version=locked).exists():
             raise EmptyVersion()
-        locked.state = VersionState.PENDING_REVIEW
         locked.submitted_at = timezone.now()
-        locked.save(update_fields=["state", "submitted_at"])
+        locked.submitted_by = submitter
+        locked.save(update_fields=["submitted_at", "submitted_by"])
+        job = scanning.scan_schedule(version=locked, user=submitter)
         audit_record(
             action=AuditAction.VERSION_SUBMIT,
             namespace=version.model.namespace.name,
             target=audit_target(version.model.namespace.name, version.model.name, version.number),
-            details={"state": locked.state},
+            details={"state": locked.state, "job": str(job.pk)},
         )
-    return locked
+    return locked, job
