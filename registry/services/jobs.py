@@ -59,16 +59,8 @@ def job_create(
     exists if and only if the change committed.
     """
     job = Job.objects.create(kind=kind, namespace=namespace, version=version, created_by=created_by)
-    audit.audit_record(
-        action=AuditAction.JOB_CREATE,
-        namespace=namespace.name,
-        target=f"jobs/{job.pk}",
-        details={
-            "kind": str(kind),
-            "version": version.number if version is not None else None,
-            "model": version.model.name if version is not None else None,
-        },
-    )
+    # No event of its own: the change that needs the job (version.submit, version.rescan)
+    # is audited by the caller in this transaction and names the job.
     job_id = job.pk
     transaction.on_commit(lambda: job_enqueue(job_id=job_id))
     return job

@@ -203,7 +203,7 @@ def test_rejected_upload_leaves_no_event(actors, draft, settings, case):
         status = 413
     else:
         assert put(alice, "first.bin", b"x").status_code == 201
-        assert alice.post(f"{VERSION}/submit").status_code == 200
+        assert alice.post(f"{VERSION}/submit").status_code == 202
         status = 409
     _r, new = run(lambda: put(alice, "a.bin", b"real bytes", **headers), status)
     assert [e for e in new if e.action == AuditAction.ARTIFACT_UPLOAD] == []
@@ -796,7 +796,7 @@ def test_every_metadata_change_is_audited(actors):
          ("version.create", "acme", "acme/gpt/v1", "alice")),
         (lambda: alice.put(f"{gpt}/versions/1/files/a.bin", b"x", content_type=OCTET), 201,
          ("artifact.upload", "acme", "acme/gpt/v1/a.bin", "alice")),
-        (lambda: alice.post(f"{gpt}/versions/1/submit"), 200,
+        (lambda: alice.post(f"{gpt}/versions/1/submit"), 202,
          ("version.submit", "acme", "acme/gpt/v1", "alice")),
         (lambda: root.delete(gpt), 204,
          ("model.delete", "acme", "acme/gpt", "root")),
@@ -911,7 +911,7 @@ def test_log_verifies_after_all_that_activity(actors, activity, settings):
     assert dave.get(f"{FILES}/w.bin").status_code == 403
     assert put(alice, "w.bin", b"\x00 odd bytes \x00", HTTP_X_REQUEST_ID="r-1").status_code == 201
     assert alice.get(f"{FILES}/w.bin", HTTP_RANGE="bytes=1-3").status_code == 206
-    assert alice.post(f"{VERSION}/submit").status_code == 200
+    assert alice.post(f"{VERSION}/submit").status_code == 202
     assert export_lines(dave.get(f"{AUDIT}/events/export"))
     assert dave.post(f"{AUDIT}/verify").json()["ok"] is True
     assert audit.audit_checkpoint_create() is not None

@@ -402,16 +402,21 @@ def test_viewer_cannot_create_or_submit_versions(actors, draft):
     assert ModelVersion.objects.get(pk=draft.pk).state == "draft"
 
 
-def test_submit_moves_to_pending_review_and_freezes_files(actors, draft):
+def test_submit_moves_to_scanning_with_a_job_and_freezes_files(actors, draft):
     alice = actors.client("alice")
     assert upload(alice, 1, "a.bin", b"weights").status_code == 201
     response = alice.post(f"{BERT}/versions/1/submit")
-    assert response.status_code == 200, response.content
-    assert response.json()["state"] == "pending_review"
-    assert response.json()["submitted_at"] is not None
+    assert response.status_code == 202, response.content
+    version, job = response.json()["version"], response.json()["job"]
+    assert version["state"] == "scanning"
+    assert version["submitted_at"] is not None
+    assert version["submitted_by"] == "alice"
+    assert version["scan_job"] == job["id"]
+    assert job["kind"] == "scan" and job["state"] == "queued"
+    assert (job["namespace"], job["model"], job["version"]) == ("acme", "bert", 1)
 
     body = error(alice.post(f"{BERT}/versions/1/submit"), 409, "version_not_draft")
-    assert body["extra"]["state"] == "pending_review"
+    assert body["extra"]["state"] == "scanning"
     error(upload(alice, 1, "b.bin", b"late"), 409, "version_not_draft")
     error(upload(alice, 1, "a.bin", b"replaced"), 409, "version_not_draft")
     assert list(Artifact.objects.filter(version=draft).values_list("path", "size")) == [

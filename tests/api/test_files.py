@@ -283,7 +283,7 @@ def test_malformed_content_digest_is_400(actors, draft, settings, header):
 def test_upload_to_submitted_version_is_409(actors, draft, settings):
     alice = actors.client("alice")
     put(alice, "a.bin", b"x")
-    assert alice.post(f"{FILES.rsplit('/files', 1)[0]}/submit").status_code == 200
+    assert alice.post(f"{FILES.rsplit('/files', 1)[0]}/submit").status_code == 202
     r = put(alice, "b.bin", b"y")
     assert r.status_code == 409
     assert r.json()["code"] == "version_not_draft"

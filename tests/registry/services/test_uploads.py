@@ -176,8 +176,8 @@ def test_upload_still_streaming_when_submit_runs_is_refused_and_leaves_nothing(
     upload.start()
     assert half.wait(WAIT)
     # The upload holds no lock while streaming, so submit goes through at once.
-    submitted = catalog.version_submit(version=draft)
-    assert submitted.state == VersionState.PENDING_REVIEW
+    submitted, _job = catalog.version_submit(version=draft)
+    assert submitted.state == VersionState.SCANNING
     release.set()
     upload.finish()
 
@@ -218,7 +218,7 @@ def test_upload_registering_when_submit_runs_lands_before_submit(actors, draft, 
     assert upload.error is None, repr(upload.error)
     assert submit.error is None, repr(submit.error)
     version = ModelVersion.objects.get(pk=draft.pk)
-    assert version.state == VersionState.PENDING_REVIEW
+    assert version.state == VersionState.SCANNING
     assert sorted(Artifact.objects.filter(version=version).values_list("path", flat=True)) == [
         "config.json",
         "weights.bin",
