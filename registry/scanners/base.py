@@ -104,3 +104,19 @@ class ScanContext:
         """The context of an archive member one level down."""
         joined = f"{self.member}!{member}" if self.member else member
         return ScanContext(limits=self.limits, depth=self.depth + 1, member=joined)
+
+
+# A finding whose rule ends in one of these means the analyser could not finish judging the
+# file (it broke, the file was cut short, or a bound was hit), as opposed to having judged it
+# and found something. The registry treats both as "not clean"; `scan_file` exits 2 for these.
+UNANALYSABLE_SUFFIXES = (".unanalysable", ".error", ".truncated", ".limit")
+
+
+def is_unanalysable(finding: Finding) -> bool:
+    """True if `finding` says the content could not be (fully) analysed.
+
+    The rule id decides, so the registry and `manage.py scan_file` classify alike: a rule whose
+    last component is `unanalysable`, `error`, `truncated` or `limit`
+    (`scan.error`, `pickle.truncated`, `archive.depth.limit`, `zip.method.unanalysable`).
+    """
+    return finding.rule.endswith(UNANALYSABLE_SUFFIXES)
