@@ -373,7 +373,7 @@ class _TemplateJudge:
             for target, value in bindings:
                 if not self._stringy(value):
                     continue
-                names = {n.name for n in target.find_all(nodes.Name)}
+                names = {n.name for n in [target, *target.find_all(nodes.Name)]}
                 fields = {r.attr for r in target.find_all(nodes.NSRef)}
                 if isinstance(target, nodes.NSRef):
                     fields.add(target.attr)

@@ -262,19 +262,20 @@ def _judge(obj: dict[str, Any], *, in_lambda: bool, member: str) -> Iterator[Fin
 
 
 def _lambda_reference(config: Any) -> str:
-    """A short, stable description of the Lambda's function (never the code itself)."""
+    """A short, stable description of the Lambda's function (never the code itself).
+
+    Marshalled code comes as a list (code, defaults, closure): Keras 2 `function`, Keras 3
+    `__lambda__` `value`; a function resolved by name comes as a string.
+    """
     function = config.get("function") if isinstance(config, dict) else None
     if isinstance(function, dict):  # Keras 3: {"class_name": "__lambda__", "config": {...}}
-        function = function.get("config", function)
-        if isinstance(function, dict):
-            function = function.get("value", function.get("code", function))
-    if isinstance(config, dict) and "value" in config:  # a bare __lambda__ object
-        function = config["value"]
-    if isinstance(function, list | tuple) and function and isinstance(function[0], str):
-        function = function[0]
+        function = function.get("config")
+    if isinstance(function, dict) or (isinstance(config, dict) and "value" in config):
+        function = (function if isinstance(function, dict) else config).get("value")
+    if isinstance(function, list) and function and isinstance(function[0], str):
+        code = function[0]
+        digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+        return f"marshalled code, {len(code)} base64 chars, sha256 {digest}"
     if isinstance(function, str):
-        if len(function) <= 80 and function.replace(".", "").replace("_", "").isalnum():
-            return function  # a function resolved by name
-        digest = hashlib.sha256(function.encode()).hexdigest()[:16]
-        return f"marshalled code, {len(function)} base64 chars, sha256 {digest}"
+        return function[:200]
     return "lambda"
