@@ -738,3 +738,34 @@ def test_exceptions_become_unanalysable_findings(module: Any, name: str) -> None
     assert finding.rule.endswith(".unanalysable")
     assert finding.severity is Severity.HIGH
     assert finding.member == "outer.zip!" + name
+
+
+def test_mutated_samples_never_raise(tmp_path: Path) -> None:
+    """Bounded random mutation of one sample per format: detect and analyse never raise."""
+    import random
+
+    save_external(onnx_model(with_if=True), tmp_path)
+    samples = [
+        (keras, "config.json", json.dumps(keras3_config(DENSE, KERAS3_LAMBDA)).encode()),
+        (savedmodel, "saved_model.pb", saved_model(BENIGN_NODES, [[node("r", "ReadFile")]])),
+        (onnxfile, "model.onnx", (tmp_path / "model.onnx").read_bytes()),
+        (gguffile, "model.gguf", gguf({"tokenizer.chat_template": LLAMA3, "v": VOCAB})),
+        (safetensorsfile, "m.safetensors", safetensors_bytes(VALID_TENSORS, bytes(38))),
+    ]
+    rng = random.Random(7)
+    for module, name, data in samples:
+        for _ in range(150):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                position = rng.randrange(len(mutated))
+                choice = rng.random()
+                if choice < 0.6:
+                    mutated[position] = rng.randrange(256)
+                elif choice < 0.8:
+                    del mutated[position : position + rng.randint(1, 64)]
+                else:
+                    mutated[position:position] = rng.randbytes(rng.randint(1, 16))
+            blob = bytes(mutated)
+            module.detect(blob[:65536], name)
+            result = module.analyse(BytesSource(blob), name=name, ctx=CTX)
+            assert all(isinstance(f.severity, Severity) for f in result.findings)
