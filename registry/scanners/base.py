@@ -120,3 +120,34 @@ def is_unanalysable(finding: Finding) -> bool:
     (`scan.error`, `pickle.truncated`, `archive.depth.limit`, `zip.method.unanalysable`).
     """
     return finding.rule.endswith(UNANALYSABLE_SUFFIXES)
+
+
+class FileSource:
+    """A Source over a local file, read by range (never whole)."""
+
+    def __init__(self, path: str) -> None:
+        import os
+
+        self._path = path
+        self._size = os.path.getsize(path)
+        self._fh = open(path, "rb")  # noqa: SIM115 (closed by close() or the context manager)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, start: int, end: int) -> bytes:
+        start, end = max(0, start), min(end, self._size)
+        if start >= end:
+            return b""
+        self._fh.seek(start)
+        return self._fh.read(end - start)

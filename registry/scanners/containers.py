@@ -106,6 +106,7 @@ class InflateSource:
         self._limits = limits
         self._make = make
         self.bomb = ""
+        self.error = ""
         self._restarts = 0
         self._all: bytes | None = None
         self._start_stream()
@@ -122,7 +123,7 @@ class InflateSource:
 
     def _produce(self, want: int) -> bytes:
         """Up to `want` more uncompressed bytes ("" at the end of the stream or on a limit)."""
-        if self.bomb:
+        if self.bomb or self.error:
             return b""
         while not self._pending:
             if self._dec.eof:
@@ -132,7 +133,11 @@ class InflateSource:
             else:  # bz2/lzma keep unconsumed input themselves
                 chunk = b""
             self._in += len(chunk)
-            data = self._dec.decompress(chunk, want)
+            try:
+                data = self._dec.decompress(chunk, want)
+            except (zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
+                self.error = f"does not decompress ({type(exc).__name__})"
+                return b""
             # Feed back what max_length left unconsumed on the next call.
             unconsumed = getattr(self._dec, "unconsumed_tail", b"")
             self._in -= len(unconsumed)
@@ -461,6 +466,8 @@ def _scan_member(
     finally:
         if inflate is not None and inflate.bomb:
             finding("archive.bomb", Severity.CRITICAL, f"member {inflate.bomb}")
+        if inflate is not None and inflate.error:
+            finding("zip.member.unanalysable", Severity.HIGH, f"member {inflate.error}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,5 +601,9 @@ def analyse_compressed(
     if inflate.bomb:
         result.findings.append(
             Finding("archive.bomb", Severity.CRITICAL, f"stream {inflate.bomb}", ctx.member)
+        )
+    if inflate.error:
+        result.findings.append(
+            Finding("compressed.unanalysable", Severity.HIGH, f"stream {inflate.error}", ctx.member)
         )
     return result

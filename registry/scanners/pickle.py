@@ -446,6 +446,11 @@ class PickleWalker:
         except LimitExceeded as exc:
             broken = True
             self.report("pickle.limit", Severity.HIGH, str(exc), offset)
+        except UnicodeDecodeError:
+            broken = True  # CPython fails on the same bytes
+            self.report(
+                "pickle.string.unanalysable", Severity.HIGH, "string is not valid text", offset
+            )
         except Exception as exc:  # the walker must never raise: anything else is a finding
             broken = True
             self.report(
