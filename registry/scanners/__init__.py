@@ -69,7 +69,7 @@ PICKLE_EXTENSIONS = frozenset(
         ".model",
     ]
 )
-_HEAD = 512
+_HEAD = 4096
 
 _modules: dict[str, ModuleType | None] = {}
 

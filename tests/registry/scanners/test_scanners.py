@@ -165,3 +165,12 @@ def test_torch_checkpoint_is_scanned_reading_under_one_percent() -> None:
 def _member(archive: bytes, name: str) -> bytes:
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         return zf.read(name)
+
+
+def test_polyglot_scans_both_the_pickle_and_the_zip() -> None:
+    data = corpus.zip_bytes(
+        [corpus.Member("archive/data.pkl", corpus.SUBPROCESS_POPEN)], prefix=corpus.OS_SYSTEM
+    )
+    found = {(f.member, f.reference) for f in run(data, "model.pkl")}
+    assert ("", "os.system") in found
+    assert ("archive/data.pkl", "subprocess.Popen") in found
