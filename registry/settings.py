@@ -238,6 +238,9 @@ else:
         # after this many seconds. It must exceed the longest task, or a running task is
         # delivered twice (harmless: tasks are idempotent, but wasteful).
         "visibility_timeout": env_int("SMR_BROKER_VISIBILITY_TIMEOUT", 7200),
+        # How often a worker looks for such messages (one cheap sorted-set range query).
+        "unacked_restore_interval": env_int("SMR_BROKER_RESTORE_INTERVAL", 10),
+        "unacked_restore_throttle": 1,
     }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

@@ -168,7 +168,10 @@ class FileScan:
     def verdict(self) -> ScanVerdict:
         if any(_is_unanalysable(f) for f in self.findings):
             return ScanVerdict.UNANALYSABLE
-        return ScanVerdict.FINDINGS if self.findings else ScanVerdict.CLEAN
+        # INFO findings are notes ("no known model format"), not problems.
+        if any(Severity(f.severity) > Severity.INFO for f in self.findings):
+            return ScanVerdict.FINDINGS
+        return ScanVerdict.CLEAN
 
     def blocks(self, threshold: Severity) -> bool:
         """Whether this file keeps the version from review (quarantines it)."""
@@ -192,6 +195,9 @@ def artifact_scan(*, artifact: Artifact, store: storage.ObjectStore) -> FileScan
     dek = artifact_unwrap_dek(artifact)  # IntegrityFailure if the wrapped key is bad
     source = DecryptingSource(artifact=artifact, dek=dek, store=store)
     try:
+        # Authenticate the first segment whatever the analysers read: a file whose header was
+        # tampered with is reported as such rather than analysed.
+        source.read(0, 1)
         scanned = scanners.scan(source, name=artifact.path)
         result.formats = list(scanned.formats)
         result.findings = list(scanned.findings)
@@ -369,7 +375,7 @@ def version_rescan(*, version: ModelVersion, requested_by: User) -> tuple[ModelV
     """
     with transaction.atomic():
         locked = (
-            ModelVersion.objects.select_for_update()
+            ModelVersion.objects.select_for_update(of=("self",))
             .select_related("model__namespace", "scan_job")
             .get(pk=version.pk)
         )
