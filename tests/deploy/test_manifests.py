@@ -18,7 +18,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SETTINGS = ROOT / "registry" / "settings.py"
 
-APP_COMPONENTS = ("web", "worker", "beat", "migrate")
+APP_COMPONENTS = ("web", "worker", "worker-scan", "beat", "migrate")
 CHECKED_PREFIXES = ("SMR_", "S3_", "KMS_", "DATABASE_", "SECRET_")
 PLACEHOLDER = "CHANGE-ME"
 
@@ -53,6 +53,7 @@ def app_workloads() -> dict[str, dict]:
     workloads = {
         "web": find("Deployment", "smr-web"),
         "worker": find("Deployment", "smr-worker"),
+        "worker-scan": find("Deployment", "smr-worker-scan"),
         "beat": find("Deployment", "smr-beat"),
         "migrate": find("Job", "smr-migrate"),
     }
@@ -226,6 +227,79 @@ def test_worker_beat_and_migrate_commands() -> None:
     migrate = pod_spec(workloads["migrate"])
     assert migrate["restartPolicy"] == "Never"
     assert "migrate" in migrate["containers"][0]["command"]
+
+
+def queue_of(command: list[str]) -> str:
+    assert "-Q" in command, f"a worker must name its queue: {command}"
+    return command[command.index("-Q") + 1]
+
+
+def settings_queues() -> set[str]:
+    """Every queue the settings route a task to, plus the default one (periodic tasks)."""
+    from django.conf import settings
+
+    return {r["queue"] for r in settings.CELERY_TASK_ROUTES.values()} | {
+        settings.CELERY_TASK_DEFAULT_QUEUE
+    }
+
+
+def test_one_worker_deployment_per_queue() -> None:
+    """Bug caught: a routed queue no worker consumes (its jobs would wait forever), or one
+    worker Deployment consuming every queue (a flood of scans starves the rest)."""
+    workers = {
+        name: d
+        for _, d in k8s_docs()
+        if d["kind"] == "Deployment" and (name := d["metadata"]["name"]).startswith("smr-worker")
+    }
+    queues = {}
+    for name, doc in workers.items():
+        (container,) = pod_spec(doc)["containers"]
+        queue = queue_of(container["command"])
+        assert "," not in queue, f"{name} consumes several queues: {queue}"
+        queues[queue] = name
+    assert set(queues) == settings_queues() == {"celery", "scan"}
+    assert queues["scan"] == "smr-worker-scan"
+
+
+def test_scan_workers_scale_on_their_queue_length() -> None:
+    scaled = find("ScaledObject", "smr-worker-scan")
+    ref = scaled["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "smr-worker-scan")
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == "scan"
+    assert int(trigger["metadata"]["listLength"]) >= 1
+    auth = find("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    secrets = {d["metadata"]["name"]: d for d in load_all(K8S / "secret.example.yaml")}
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+    # KEDA owns this Deployment's HPA: a second autoscaler would fight it.
+    hpa_targets = {
+        d["spec"]["scaleTargetRef"]["name"]
+        for _, d in k8s_docs()
+        if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    assert "smr-worker-scan" not in hpa_targets
+
+
+def test_compose_runs_a_worker_per_queue() -> None:
+    services = compose()["services"]
+    queues = {
+        queue_of(s["command"]): name
+        for name, s in services.items()
+        if s.get("command", [])[:4] == ["celery", "-A", "workers.app", "worker"]
+    }
+    assert set(queues) == settings_queues()
+    scan = services[queues["scan"]]["command"]
+    assert "--autoscale" in scan  # the pool grows with the backlog on one host
+
+
+def test_embedded_worker_consumes_every_queue() -> None:
+    script = (DEPLOY / "run-embedded.sh").read_text()
+    match = re.search(r"celery\S* -A workers\.app worker .*-Q (\S+)", script)
+    assert match, "run-embedded.sh must start a worker with -Q"
+    assert set(match.group(1).split(",")) == settings_queues()
 
 
 def test_hpas_target_existing_deployments() -> None:
