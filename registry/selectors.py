@@ -174,7 +174,7 @@ def version_get_for_user(
     )
     version = (
         ModelVersion.objects.filter(model=m, number=number)
-        .select_related("model__namespace", "created_by")
+        .select_related("model__namespace", "created_by", "submitted_by")
         .first()
     )
     if version is None:
@@ -253,7 +253,7 @@ def job_list_for_user(*, principal: Principal) -> QuerySet[Job]:
     """Jobs of every namespace the caller may read (superusers: all)."""
     if not principal.has_scope(TokenScope.READ):
         raise PermissionDenied("Listing jobs needs a token with the 'read' scope.")
-    qs = Job.objects.select_related("namespace", "version__model")
+    qs = Job.objects.select_related("namespace", "version__model", "created_by")
     if principal.user.is_superuser:
         return qs
     readable = [

@@ -261,6 +261,9 @@ SMR_JOB_UNSENT_AFTER = env_int("SMR_JOB_UNSENT_AFTER", 30)
 SMR_JOB_REDISPATCH_AFTER = env_int("SMR_JOB_REDISPATCH_AFTER", 7800)
 SMR_JOB_DISPATCH_INTERVAL = env_int("SMR_JOB_DISPATCH_INTERVAL", 30)
 SMR_JOB_MAX_ATTEMPTS = env_int("SMR_JOB_MAX_ATTEMPTS", 5)
+# A job `running` this long lost its worker and its message (past every time limit and the
+# broker's redelivery): jobs_dispatch queues it again.
+SMR_JOB_LOST_AFTER = env_int("SMR_JOB_LOST_AFTER", 4 * 3600)
 CELERY_BEAT_SCHEDULE = {
     "jobs-dispatch": {
         "task": "workers.tasks.jobs_dispatch",

@@ -104,7 +104,8 @@ def jobs_dispatch(
 
     A job never enqueued (publish failed) is sent once it is older than `unsent_after`; one
     enqueued but still queued after `stale_after` is sent again (the broker may have lost it;
-    a duplicate is harmless). Defaults come from settings.
+    a duplicate is harmless); one `running` for longer than SMR_JOB_LOST_AFTER is queued and
+    sent again. Defaults come from settings.
     """
     now = timezone.now()
     unsent = unsent_after if unsent_after is not None else _seconds("SMR_JOB_UNSENT_AFTER")
@@ -112,8 +113,20 @@ def jobs_dispatch(
     due = Job.objects.filter(state=JobState.QUEUED).filter(
         Q(enqueued_at__isnull=True, created_at__lte=now - unsent) | Q(enqueued_at__lte=now - stale)
     )
+    # A job running for longer than any run can (the hard time limit, plus the broker's
+    # redelivery delay) lost its worker and its message: queue it again. Its attempts count
+    # keeps a job that kills every worker from coming back forever.
+    lost_before = now - _seconds("SMR_JOB_LOST_AFTER")
+    lost = Job.objects.filter(state=JobState.RUNNING, started_at__lte=lost_before)
+    requeued = []
+    for job_id in lost.values_list("pk", flat=True)[:1000]:
+        if Job.objects.filter(
+            pk=job_id, state=JobState.RUNNING, started_at__lte=lost_before
+        ).update(state=JobState.QUEUED, enqueued_at=None):
+            logger.warning("job %s was running since before %s: queued again", job_id, lost_before)
+            requeued.append(job_id)
     sent = 0
-    for job_id in due.order_by("created_at").values_list("pk", flat=True)[:1000]:
+    for job_id in [*requeued, *due.order_by("created_at").values_list("pk", flat=True)[:1000]]:
         if job_enqueue(job_id=job_id):
             sent += 1
         else:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.contrib.auth.models import User
 from django.db import transaction
 
@@ -203,6 +204,8 @@ def artifact_scan(*, artifact: Artifact, store: storage.ObjectStore) -> FileScan
         result.findings = list(scanned.findings)
     except storage.StorageUnavailable as exc:
         raise StorageUnavailable() from exc
+    except SoftTimeLimitExceeded:
+        raise  # the task's time limit, not the file's fault: the job fails as timed out
     except (stream.StreamIntegrityError, storage.ObjectNotFound) as exc:
         logger.error("artifact %s failed its integrity check during a scan: %s", artifact.id, exc)
         result.findings = [

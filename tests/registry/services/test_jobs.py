@@ -17,7 +17,7 @@ from registry.models import AuditEvent, Job, JobKind, JobState
 from registry.services import jobs
 from tests.conftest import free_port
 
-BROKER = "redis://127.0.0.1:6379/13"
+BROKER = "redis://127.0.0.1:6379/12"  # 13: benchmarks, 14: worker tests, 15: test_tasks
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def broker(settings):
 
 @pytest.fixture
 def dead_broker(settings):
-    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/13"
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/12"
 
 
 def new_job(actors, draft) -> Job:
@@ -148,3 +148,23 @@ def test_progress_is_clamped_and_ignored_once_finished(actors, draft):
     jobs.job_progress(job_id=job.pk, progress=0.1)
     job.refresh_from_db()
     assert (job.state, job.progress) == (JobState.CANCELLED, 1.0)
+
+
+def test_dispatch_queues_again_a_job_running_past_every_limit(actors, draft, broker, settings):
+    settings.SMR_JOB_LOST_AFTER = 3600
+    now = timezone.now()
+    lost = new_job(actors, draft)
+    alive = new_job(actors, draft)
+    Job.objects.filter(pk=lost.pk).update(
+        state=JobState.RUNNING, attempts=1, started_at=now - timedelta(hours=2)
+    )
+    Job.objects.filter(pk=alive.pk).update(
+        state=JobState.RUNNING, attempts=1, started_at=now - timedelta(minutes=10)
+    )
+    assert jobs.jobs_dispatch() == 1
+    assert str(lost.pk) in " ".join(queued_ids(broker))
+    lost.refresh_from_db()
+    alive.refresh_from_db()
+    assert lost.state == JobState.QUEUED and lost.enqueued_at is not None
+    assert lost.attempts == 1  # the next claim counts it
+    assert alive.state == JobState.RUNNING
