@@ -142,7 +142,9 @@ class ScanReportOut(ScanSummaryOut):
 class VersionDetailOut(VersionOut):
     files = ArtifactOut(many=True, source="artifacts.all")
     total_size = serializers.SerializerMethodField()
-    submitted_by = serializers.CharField(source="submitted_by.username", default=None)
+    submitted_by = serializers.CharField(
+        source="submitted_by.username", default=None, allow_null=True
+    )
     scan_job = serializers.UUIDField(source="scan_job_id", allow_null=True)
     scans = serializers.SerializerMethodField(
         help_text="The latest scan of each file. `findings` is null for callers who may not "
@@ -174,9 +176,9 @@ class JobOut(serializers.Serializer):
     progress_message = serializers.CharField()
     attempts = serializers.IntegerField()
     namespace = serializers.CharField(source="namespace.name")
-    model = serializers.CharField(source="version.model.name", default=None)
-    version = serializers.IntegerField(source="version.number", default=None)
-    created_by = serializers.CharField(source="created_by.username", default=None)
+    model = serializers.CharField(source="version.model.name", default=None, allow_null=True)
+    version = serializers.IntegerField(source="version.number", default=None, allow_null=True)
+    created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
     created_at = serializers.DateTimeField()
     enqueued_at = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)

@@ -154,3 +154,15 @@ def test_schema_documents_the_scan_endpoints(db):
     assert "202" in paths[f"{v}/rescan"]["post"]["responses"]
     assert "get" in paths[f"{v}/scans"]
     assert "get" in paths[f"{API}/jobs"] and "get" in paths[f"{API}/jobs/{{job_id}}"]
+
+
+def test_a_scanned_model_can_still_be_deleted(actors, quarantined):
+    """Reports go with their artifacts; the job stays (without its version) for the record."""
+    from registry.models import Job, ScanReport
+
+    response = actors.client("root").delete(f"{API}/namespaces/acme/models/bert")
+    assert response.status_code == 204, response.content
+    assert not ScanReport.objects.exists()
+    job = Job.objects.get(pk=quarantined)
+    assert job.version is None and job.state == "succeeded"
+    assert actors.client("root").get(f"{API}/jobs/{quarantined}").json()["version"] is None
