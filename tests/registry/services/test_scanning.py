@@ -26,12 +26,20 @@ from registry.models import (
 from registry.scanners import Finding, Severity
 from registry.services import audit, catalog, scanning
 from registry.services.artifacts import artifact_unwrap_dek, artifact_upload
+from tests.conftest import free_port
 
 # GLOBAL os.system, then REDUCE with ("echo",): built opcode by opcode, never by pickling.
 MALICIOUS_PICKLE = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00echoq\x01\x85q\x02Rq\x03."
 # A plain protocol-2 pickle of {"a": 1}: nothing callable.
 BENIGN_PICKLE = b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s."
 PLACEHOLDER = scanners.scan.__doc__ is not None and "PLACEHOLDER" in scanners.scan.__doc__
+
+
+@pytest.fixture(autouse=True)
+def no_broker(settings):
+    """Scans run in-process here: a submit's enqueue fails fast (and is only logged) instead
+    of writing messages into the embedded broker's folder under var/."""
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/12"
 
 
 def put(version, path: str, data: bytes, user) -> Artifact:
