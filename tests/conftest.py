@@ -96,6 +96,13 @@ def isolated_registry(settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _no_embedded_broker(settings):
+    """Jobs a test commits go to an in-memory broker, not to the `make run` queue folder under
+    var/ (a later `make run` worker would execute them). Worker tests set their Redis broker."""
+    settings.CELERY_BROKER_URL = "memory://"
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache():
     """Throttles and the folding of access.denied events count in the cache: none carries over
     from one test to the next."""
