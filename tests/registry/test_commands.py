@@ -52,6 +52,7 @@ def var_dir(settings, tmp_path):
     var = tmp_path / "var"
     settings.VAR_DIR = var
     settings.EMBEDDED_SECRET_KEY_FILE = var / "secret_key"
+    settings.CELERY_BROKER_URL = "filesystem://"  # the embedded broker, as make run uses
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(var / "celery" / "queue"),
         "data_folder_out": str(var / "celery" / "queue"),
