@@ -174,3 +174,37 @@ def test_polyglot_scans_both_the_pickle_and_the_zip() -> None:
     found = {(f.member, f.reference) for f in run(data, "model.pkl")}
     assert ("", "os.system") in found
     assert ("archive/data.pkl", "subprocess.Popen") in found
+
+
+def test_only_the_first_tensor_members_of_a_torch_archive_are_read() -> None:
+    # Reading every tensor's local header would decrypt a segment per tensor; torch reads
+    # tensor members as raw storage, so past the first few they are not read at all.
+    from registry.scanners.containers import TORCH_TENSORS_CHECKED
+
+    tensors = [corpus.Member(f"archive/data/{i}", bytes(128 << 10)) for i in range(40)]
+    data = corpus.zip_bytes([corpus.Member("archive/data.pkl", corpus.BENIGN_PICKLE), *tensors])
+    reads: list[tuple[int, int]] = []
+
+    class Recording(BytesSource):
+        def read(self, start: int, end: int) -> bytes:
+            reads.append((start, end))
+            return super().read(start, end)
+
+    assert scan(Recording(data), name="model.pt").findings == []
+    offsets = {i.filename: i.header_offset for i in zipfile.ZipFile(io.BytesIO(data)).infolist()}
+
+    def touched(name: str) -> bool:
+        return any(a <= offsets[name] < b for a, b in reads)
+
+    assert touched("archive/data.pkl")
+    checked = [f"archive/data/{i}" for i in range(TORCH_TENSORS_CHECKED)]
+    # (the last tensor lies in the tail that is read to find the central directory)
+    skipped = [f"archive/data/{i}" for i in range(TORCH_TENSORS_CHECKED, 39)]
+    assert all(touched(n) for n in checked)  # control: the reads are seen
+    assert not any(touched(n) for n in skipped)
+    # A pickle hidden in the first tensor is still found.
+    evil = corpus.zip_bytes(
+        [corpus.Member("archive/data.pkl", corpus.BENIGN_PICKLE),
+         corpus.Member("archive/data/0", corpus.OS_SYSTEM), *tensors[1:]]
+    )  # fmt: skip
+    assert "os.system" in {f.reference for f in scan(BytesSource(evil), name="m.pt").findings}
