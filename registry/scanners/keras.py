@@ -265,12 +265,17 @@ def _lambda_reference(config: Any) -> str:
     """A short, stable description of the Lambda's function (never the code itself).
 
     Marshalled code comes as a list (code, defaults, closure): Keras 2 `function`, Keras 3
-    `__lambda__` `value`; a function resolved by name comes as a string.
+    `__lambda__` `value`, or a Keras 3 Lambda layer's `__lambda__` `code` string; a function
+    resolved by name comes as a string.
     """
     function = config.get("function") if isinstance(config, dict) else None
     if isinstance(function, dict):  # Keras 3: {"class_name": "__lambda__", "config": {...}}
         function = function.get("config")
-    if isinstance(function, dict) or (isinstance(config, dict) and "value" in config):
+    if isinstance(function, dict) and isinstance(function.get("code"), str):
+        # Keras 3's Lambda layer writes {"code", "defaults", "closure"} (keras 3.15, see
+        # fixtures/keras_lambda.keras); only a bare serialized lambda uses "value".
+        function = [function["code"]]
+    elif isinstance(function, dict) or (isinstance(config, dict) and "value" in config):
         function = (function if isinstance(function, dict) else config).get("value")
     if isinstance(function, list) and function and isinstance(function[0], str):
         code = function[0]
