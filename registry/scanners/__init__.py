@@ -52,23 +52,11 @@ EXTERNAL_ANALYSERS = (
 )
 # Extensions under which files are pickles (or pickle-based): a protocol 0/1 pickle has no
 # magic number, so for these names a failed walk is a finding rather than "not a pickle".
-PICKLE_EXTENSIONS = frozenset(
-    [
-        ".pkl",
-        ".pickle",
-        ".pt",
-        ".pth",
-        ".bin",
-        ".ckpt",
-        ".joblib",
-        ".sav",
-        ".p",
-        ".dat",
-        ".data",
-        ".npy",
-        ".model",
-    ]
-)
+# `.bin`, `.dat`, `.data`, `.model` and `.npy` are left out on purpose: they hold raw tensors
+# as often as pickles (a PyTorch `.bin` is a zip or starts with PROTO, both found by content),
+# and random bytes under those names would otherwise be quarantined as "unknown opcode".
+# They still get the content search for pickles that every unrecognised file gets.
+PICKLE_EXTENSIONS = frozenset([".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".sav", ".p"])
 _HEAD = 4096
 
 _modules: dict[str, ModuleType | None] = {}
