@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ from registry.models import (
     ScanVerdict,
     VersionState,
 )
-from registry.scanners import Finding, Severity
+from registry.scanners import Finding, Severity, is_unanalysable
 from registry.services import audit, jobs
 from registry.services.artifacts import artifact_unwrap_dek, associated_data
 
@@ -51,17 +50,6 @@ logger = logging.getLogger(__name__)
 # Decrypted segments kept per file: analysers jump between a header, a directory at the end
 # and the members it names; a few segments cover that without re-decrypting.
 SEGMENT_CACHE = 8
-UNANALYSABLE_SUFFIXES = (".unanalysable", ".error", ".truncated")
-
-
-def _is_unanalysable(finding: Finding) -> bool:
-    # The analysers' own predicate once it exists; until then, their rule-naming convention.
-    predicate: Callable[[Finding], bool] | None = getattr(scanners, "is_unanalysable", None)
-    if predicate is None:
-        predicate = getattr(scanners.base, "is_unanalysable", None)
-    if predicate is not None:
-        return bool(predicate(finding))
-    return finding.rule.endswith(UNANALYSABLE_SUFFIXES)
 
 
 class DecryptingSource:
@@ -167,7 +155,7 @@ class FileScan:
         return max((Severity(f.severity) for f in self.findings), default=None)
 
     def verdict(self) -> ScanVerdict:
-        if any(_is_unanalysable(f) for f in self.findings):
+        if any(is_unanalysable(f) for f in self.findings):
             return ScanVerdict.UNANALYSABLE
         # INFO findings are notes ("no known model format"), not problems.
         if any(Severity(f.severity) > Severity.INFO for f in self.findings):
