@@ -13,6 +13,11 @@ mkdir -p "$VAR/celery"
 "$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan \
   --schedule "$VAR/celery/beat-schedule" >"$VAR/celery/worker.log" 2>&1 &
 worker=$!
-trap 'kill "$worker" 2>/dev/null || true' EXIT INT TERM
 echo "Celery worker (pid $worker) logs to $VAR/celery/worker.log"
-"$BIN/gunicorn" registry.wsgi:application -c deploy/gunicorn.conf.py --bind "${HOST:-127.0.0.1}:${PORT:-8000}"
+"$BIN/gunicorn" registry.wsgi:application -c deploy/gunicorn.conf.py \
+  --bind "${HOST:-127.0.0.1}:${PORT:-8000}" &
+web=$!
+# Waiting on gunicorn in the background (not running it in the foreground) lets a TERM sent to
+# this script run the trap at once, so stopping either stops both.
+trap 'kill "$worker" "$web" 2>/dev/null || true' EXIT INT TERM
+wait "$web"
