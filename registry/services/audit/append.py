@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -34,6 +34,29 @@ def advisory_lock(key: int) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+
+
+def _head() -> tuple[int, str] | None:
+    """(seq, entry_hash) of the last event, or None: one fixed statement, built once.
+
+    Every audited write reads the head; as an ORM query (order_by().values_list().first())
+    compiling it cost ~0.11 ms per event, eight times the query itself on SQLite.
+    """
+    sql = _HEAD_SQL.get(connection.vendor)
+    if sql is None:
+        meta = AuditEvent._meta
+        quote = connection.ops.quote_name
+        seq = quote(cast(str, meta.get_field("seq").column))
+        digest = quote(cast(str, meta.get_field("entry_hash").column))
+        sql = f"SELECT {seq}, {digest} FROM {quote(meta.db_table)} ORDER BY {seq} DESC LIMIT 1"  # noqa: S608 - names from the model, no input
+        _HEAD_SQL[connection.vendor] = sql
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+_HEAD_SQL: dict[str, str] = {}
 
 
 def audit_target(
@@ -127,7 +150,7 @@ def audit_record(
     clean_details = _clean_details(details or {})
     with transaction.atomic():
         advisory_lock(APPEND_LOCK)
-        head = AuditEvent.objects.order_by("-seq").values_list("seq", "entry_hash").first()
+        head = _head()
         seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
         now = timezone.now()
         fields = {
