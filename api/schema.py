@@ -25,6 +25,7 @@ ERRORS = {
     "411": "Content-Length is missing.",
     "413": "The request body is too large.",
     "415": "Unsupported Content-Type for the request body.",
+    "410": "The version was revoked; its files are gone for good.",
     "416": "The requested byte range is outside the file.",
     "429": "Too many requests; retry after Retry-After.",
     "502": "A stored object failed its integrity check; the incident was recorded.",
@@ -73,7 +74,7 @@ class AutoSchema(openapi.AutoSchema):
         if raw_file and self.method == "PUT":
             statuses.append("411")
         if raw_file and self.method in ("GET", "HEAD"):
-            statuses += ["416", "502"]
+            statuses += ["410", "416", "502"]
         if self.view.get_throttles():
             statuses.append("429")
         statuses.append("503")

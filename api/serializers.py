@@ -12,10 +12,12 @@ from registry.models import (
     SEVERITY_CHOICES,
     JobKind,
     JobState,
+    ReviewDecision,
     Role,
     ScanVerdict,
     TokenScope,
 )
+from registry.services.approvals import GATES
 from registry.services.uploads import upload_session_missing_parts
 
 
@@ -139,6 +141,56 @@ class ScanReportOut(ScanSummaryOut):
     bytes_read = serializers.IntegerField()
 
 
+class ReviewIn(serializers.Serializer):
+    decision = serializers.ChoiceField(choices=ReviewDecision.choices)
+    comment = TextField(required=False, allow_blank=True, default="", max_length=10000)
+
+
+class ReviewOut(serializers.Serializer):
+    reviewer = serializers.CharField(source="reviewer.username", default=None, allow_null=True)
+    decision = serializers.CharField()
+    comment = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class PolicyOut(serializers.Serializer):
+    approvals_required = serializers.IntegerField()
+    allow_self_review = serializers.BooleanField()
+    scan_quarantine_severity = serializers.CharField()
+    required_gates = serializers.ListField(child=serializers.CharField())
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """JSON true/false only (DRF's would take 0, "yes" or "off")."""
+
+    def to_internal_value(self, data: object) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only (DRF's would take "2" or 2.0)."""
+
+    def to_internal_value(self, data: object) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return int(super().to_internal_value(data))
+
+
+class PolicyPatch(serializers.Serializer):
+    approvals_required = StrictIntegerField(required=False, min_value=1, max_value=100)
+    allow_self_review = StrictBooleanField(required=False)
+    scan_quarantine_severity = serializers.ChoiceField(
+        choices=[c for c, _ in SEVERITY_CHOICES],
+        required=False,
+        help_text="A finding at or above this severity quarantines a version.",
+    )
+    required_gates = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(GATES)), required=False, max_length=20
+    )
+
+
 class VersionDetailOut(VersionOut):
     files = ArtifactOut(many=True, source="artifacts.all")
     total_size = serializers.SerializerMethodField()
@@ -151,8 +203,15 @@ class VersionDetailOut(VersionOut):
         "see why a quarantined version was quarantined (only its owner and admins may)."
     )
 
+    approved_at = serializers.DateTimeField(allow_null=True)
+    reviews = ReviewOut(many=True, source="reviews.all")
+    approvals = serializers.SerializerMethodField(help_text="Distinct approving reviewers.")
+
     def get_total_size(self, obj) -> int:
         return sum(a.size for a in obj.artifacts.all())
+
+    def get_approvals(self, obj) -> int:
+        return sum(1 for r in obj.reviews.all() if r.decision == ReviewDecision.APPROVE)
 
     @extend_schema_field(VersionScanOut(many=True))
     def get_scans(self, obj) -> list[dict]:
@@ -166,6 +225,11 @@ class VersionDetailOut(VersionOut):
             item["findings"] = ScanFindingOut(report.findings, many=True).data if visible else None
             out.append(item)
         return out
+
+
+class ReviewResultOut(serializers.Serializer):
+    review = ReviewOut()
+    version = VersionDetailOut()
 
 
 class JobOut(serializers.Serializer):

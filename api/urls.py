@@ -34,6 +34,7 @@ V = f"{M}/versions/<vnum:number>"
 urlpatterns = [
     path("namespaces", views.NamespaceListView.as_view()),
     path("namespaces/<str:ns>", views.NamespaceDetailView.as_view()),
+    path("namespaces/<str:ns>/policy", views.PolicyView.as_view()),
     path("namespaces/<str:ns>/members", views.MemberListView.as_view()),
     path("namespaces/<str:ns>/members/<str:username>", views.MemberDetailView.as_view()),
     path("namespaces/<str:ns>/models", views.ModelListView.as_view()),
@@ -43,6 +44,9 @@ urlpatterns = [
     path(f"{V}/submit", views.VersionSubmitView.as_view()),
     path(f"{V}/rescan", views.VersionRescanView.as_view()),
     path(f"{V}/scans", views.ScanReportListView.as_view()),
+    path(f"{V}/reviews", views.ReviewListView.as_view()),
+    path(f"{V}/deprecate", views.VersionDeprecateView.as_view()),
+    path(f"{V}/revoke", views.VersionRevokeView.as_view()),
     path(f"{V}/files", files.FileListView.as_view()),
     path(f"{V}/files/<apath:path>", files.FileView.as_view()),
     path(f"{V}/uploads", files.UploadCreateView.as_view()),

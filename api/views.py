@@ -27,6 +27,11 @@ from api.serializers import (
     NamespaceIn,
     NamespaceOut,
     NamespacePatch,
+    PolicyOut,
+    PolicyPatch,
+    ReviewIn,
+    ReviewOut,
+    ReviewResultOut,
     ScanReportOut,
     TokenCreatedOut,
     TokenIn,
@@ -40,7 +45,7 @@ from registry import selectors
 from registry.access import Action, Principal
 from registry.errors import InvalidInput
 from registry.models import ApiToken, Job, ModelVersion
-from registry.services import catalog, scanning, tokens
+from registry.services import approvals, catalog, scanning, tokens
 
 
 def user_of(request: Request) -> User:
@@ -115,6 +120,24 @@ class NamespaceDetailView(APIView):
             namespace=namespace, **parse(NamespacePatch, request, partial=True)
         )
         return Response(NamespaceOut(namespace).data)
+
+
+class PolicyView(APIView):
+    def _namespace(self, request: Request, ns: str):
+        return selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
+
+    @extend_schema(responses=PolicyOut, description="The namespace's approval policy (admins).")
+    def get(self, request: Request, ns: str) -> Response:
+        return Response(PolicyOut(approvals.policy_of(self._namespace(request, ns))).data)
+
+    @extend_schema(request=PolicyPatch, responses=PolicyOut)
+    def patch(self, request: Request, ns: str) -> Response:
+        namespace = approvals.policy_update(
+            namespace=self._namespace(request, ns), **parse(PolicyPatch, request, partial=True)
+        )
+        return Response(PolicyOut(approvals.policy_of(namespace)).data)
 
 
 class MemberListView(ListView):
@@ -269,6 +292,64 @@ class VersionRescanView(APIView):
         )
         version, job = scanning.version_rescan(version=version, requested_by=user_of(request))
         return version_job_response(principal, version, job)
+
+
+class ReviewListView(ListView):
+    pagination_class = cursor_by("created_at")
+
+    @extend_schema(responses=ReviewOut(many=True))
+    def get(self, request: Request, ns: str, model: str, number: int) -> Response:
+        qs = selectors.review_list_for_user(
+            principal=principal_of(request), namespace=ns, model=model, number=number
+        )
+        return self.page(request, qs, ReviewOut)
+
+    @extend_schema(
+        request=ReviewIn,
+        responses={201: ReviewResultOut},
+        description="Approve or reject a version pending review (reviewers and admins, never "
+        "its uploader unless the policy allows). Enough distinct approvals with every gate "
+        "holding approve the version; one rejection rejects it.",
+    )
+    def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
+        version = selectors.version_get_for_user(
+            principal=principal, namespace=ns, model=model, number=number, action=Action.REVIEW
+        )
+        review = approvals.review_record(
+            version=version, reviewer=user_of(request), **parse(ReviewIn, request)
+        )
+        body = {
+            "review": ReviewOut(review).data,
+            "version": VersionDetailOut(version, context={"principal": principal}).data,
+        }
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class VersionDeprecateView(APIView):
+    @extend_schema(request=None, responses=VersionDetailOut, description="approved -> deprecated.")
+    def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
+        version = selectors.version_get_for_user(
+            principal=principal, namespace=ns, model=model, number=number, action=Action.MANAGE
+        )
+        version = approvals.version_deprecate(version=version)
+        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+
+
+class VersionRevokeView(APIView):
+    @extend_schema(
+        request=None,
+        responses=VersionDetailOut,
+        description="Revoke a version in any state: its files answer 410 from now on.",
+    )
+    def post(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
+        version = selectors.version_get_for_user(
+            principal=principal, namespace=ns, model=model, number=number, action=Action.MANAGE
+        )
+        version = approvals.version_revoke(version=version)
+        return Response(VersionDetailOut(version, context={"principal": principal}).data)
 
 
 class ScanReportListView(ListView):

@@ -146,8 +146,16 @@ class VersionNotScannable(Conflict):
     )
 
 
-class ScanGateNotClean(Conflict):
-    # Stable: issue 8's review endpoint names this gate when it refuses.
+class GateNotMet(Conflict):
+    """A gate of the namespace policy does not hold; each gate's subclass names it in `code`
+    (registry.services.approvals.GATES)."""
+
+    code = "gate_not_met"
+    default_message = "A gate the namespace policy requires does not hold for this version."
+
+
+class ScanGateNotClean(GateNotMet):
+    # Stable: the review endpoint names this gate when it refuses.
     code = "gate_scan_not_clean"
     default_message = (
         "The version has no clean scan: it is still being scanned or was quarantined. "
@@ -161,3 +169,37 @@ class VersionQuarantined(PermissionDenied):
         "This version was quarantined by the scanner; only its owner and the namespace's "
         "admins can read its files and findings."
     )
+
+
+class VersionNotReviewable(Conflict):
+    code = "version_not_reviewable"
+    default_message = "Only a version pending review can be reviewed."
+
+
+class SelfReviewForbidden(PermissionDenied):
+    code = "self_review_forbidden"
+    default_message = (
+        "You uploaded, created or submitted this version; the namespace policy needs someone "
+        "else to review it."
+    )
+
+
+class AlreadyReviewed(Conflict):
+    code = "already_reviewed"
+    default_message = "You already reviewed this version; a reviewer counts once."
+
+
+class VersionNotApproved(Conflict):
+    code = "version_not_approved"
+    default_message = "Only an approved version can be deprecated."
+
+
+class VersionAlreadyRevoked(Conflict):
+    code = "version_already_revoked"
+    default_message = "The version is already revoked."
+
+
+class VersionRevoked(RegistryError):
+    code = "version_revoked"
+    status = 410
+    default_message = "This version was revoked by a namespace admin; its files are gone for good."

@@ -31,6 +31,10 @@ class Role(models.TextChoices):
     AUDITOR = "auditor"
 
 
+def default_required_gates() -> list[str]:
+    return ["scan_clean"]
+
+
 class Namespace(models.Model):
     name = models.CharField(
         max_length=63,
@@ -45,16 +49,26 @@ class Namespace(models.Model):
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    # The approval policy (admin-editable through registry.services.approvals.policy_update).
     # A scan finding at or above this severity quarantines a version (a Severity name).
-    # The namespace approval policy (issue 8) takes this over.
     scan_quarantine_severity = models.CharField(
         max_length=16, choices=SEVERITY_CHOICES, default="medium"
     )
+    # Distinct approving reviewers a version needs.
+    approvals_required = models.PositiveSmallIntegerField(default=1)
+    # Whether a version's uploader, creator or submitter may review it.
+    allow_self_review = models.BooleanField(default=False)
+    # Names of registry.services.approvals.GATES that must hold for a version to be approved.
+    required_gates = models.JSONField(default=default_required_gates)
 
     class Meta:
         constraints = [
             # Names are lowercase by rule; this keeps rows written around the rule from clashing.
             models.UniqueConstraint(Lower("name"), name="namespace_unique_name_ci"),
+            models.CheckConstraint(
+                condition=models.Q(approvals_required__gte=1),
+                name="namespace_approvals_required_min",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -164,6 +178,7 @@ class ModelVersion(models.Model):
     scan_job = models.ForeignKey(
         "Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    approved_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -175,6 +190,36 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id}/v{self.number} ({self.state})"
+
+
+class ReviewDecision(models.TextChoices):
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+class Review(models.Model):
+    """One reviewer's decision on a version (registry.services.approvals.review_record)."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="reviews")
+    reviewer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decision = models.CharField(max_length=16, choices=ReviewDecision.choices)
+    comment = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # A reviewer counts once towards the approvals a version needs.
+            models.UniqueConstraint(fields=["version", "reviewer"], name="review_unique_reviewer"),
+            models.CheckConstraint(
+                condition=models.Q(decision__in=ReviewDecision.values),
+                name="review_decision_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.decision} of {self.version_id} by {self.reviewer_id}"
 
 
 class Artifact(models.Model):
@@ -317,6 +362,12 @@ class AuditAction(models.TextChoices):
     VERSION_SUBMIT = "version.submit"
     VERSION_SCAN = "version.scan"
     VERSION_RESCAN = "version.rescan"
+    VERSION_APPROVE = "version.approve"
+    VERSION_REJECT = "version.reject"
+    VERSION_DEPRECATE = "version.deprecate"
+    VERSION_REVOKE = "version.revoke"
+    REVIEW_RECORD = "review.record"
+    POLICY_UPDATE = "policy.update"
     JOB_CREATE = "job.create"
     JOB_FAIL = "job.fail"
     ARTIFACT_UPLOAD = "artifact.upload"

@@ -15,7 +15,7 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from registry.access import Action, Principal, principal_allows
-from registry.errors import NotFound, PermissionDenied, VersionQuarantined
+from registry.errors import NotFound, PermissionDenied, VersionQuarantined, VersionRevoked
 from registry.models import (
     ApiToken,
     Artifact,
@@ -26,6 +26,7 @@ from registry.models import (
     ModelVersion,
     Namespace,
     RegisteredModel,
+    Review,
     Role,
     ScanReport,
     TokenScope,
@@ -180,6 +181,9 @@ def version_get_for_user(
     if version is None:
         raise NotFound(f"Version {number} of {namespace}/{model} not found.")
     if action == Action.DOWNLOAD:
+        if version.state == VersionState.REVOKED:
+            # Everyone, owner and admins included: a revoked version's bytes are never served.
+            raise VersionRevoked(state=version.state)
         role = role_for(principal=principal, namespace=m.namespace)
         if role == Role.VIEWER and version.state not in RELEASED_STATES:
             _denied(principal, m.namespace, action, target, reason="viewers download released only")
@@ -192,6 +196,16 @@ def version_get_for_user(
             _denied(principal, m.namespace, action, target, reason="version quarantined")
             raise VersionQuarantined(state=version.state)
     return version
+
+
+def review_list_for_user(
+    *, principal: Principal, namespace: str, model: str, number: int
+) -> QuerySet[Review]:
+    """The reviews of a version the caller may read, oldest first."""
+    version = version_get_for_user(
+        principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
+    )
+    return Review.objects.filter(version=version).select_related("reviewer")
 
 
 def _owner_or_admin(principal: Principal, version: ModelVersion, role: str | None) -> bool:

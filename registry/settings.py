@@ -305,6 +305,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Findings and the namespace policy share one severity list: one enum in the schema.
+    "ENUM_NAME_OVERRIDES": {"SeverityEnum": "registry.models.SEVERITY_CHOICES"},
 }
 
 SESSION_COOKIE_HTTPONLY = True

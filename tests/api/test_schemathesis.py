@@ -35,6 +35,9 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     (f"DELETE {V}/{{number}}/files/{{path}}", "positive_data_acceptance"): (
         "`path` has no schema pattern for the characters validate_artifact_path refuses."
     ),
+    (f"POST {V}/{{number}}/uploads", "positive_data_acceptance"): (
+        "`path` has no schema pattern for the characters validate_artifact_path refuses."
+    ),
 }
 
 CONFIG = """

@@ -13,7 +13,7 @@ from django.core.cache import cache
 
 from registry import selectors
 from registry.access import Action, Principal
-from registry.errors import InvalidPath, NotFound, PermissionDenied
+from registry.errors import InvalidPath, NotFound, PermissionDenied, VersionRevoked
 from registry.models import (
     ApiToken,
     AuditAction,
@@ -202,21 +202,34 @@ def test_viewer_downloads_released_versions_only(world, state):
 
     if state in (VersionState.APPROVED, VersionState.DEPRECATED):
         assert download().state == state
+    elif state == VersionState.REVOKED:
+        with pytest.raises(VersionRevoked):
+            download()
     else:
         with pytest.raises(PermissionDenied) as exc:
             download()
         assert exc.value.extra["state"] == state
-    # Reading the metadata is always fine, and a contributor may fetch the bytes in any state.
+    # Reading the metadata is always fine, and a contributor may fetch the bytes in any state
+    # but revoked (410 for everyone).
     assert selectors.version_get_for_user(
         principal=carol, namespace="acme", model="bert", number=1, action=Action.READ
     )
-    assert selectors.version_get_for_user(
-        principal=who(world, "alice"),
-        namespace="acme",
-        model="bert",
-        number=1,
-        action=Action.DOWNLOAD,
-    )
+
+    def alice_downloads():
+        return selectors.version_get_for_user(
+            principal=who(world, "alice"),
+            namespace="acme",
+            model="bert",
+            number=1,
+            action=Action.DOWNLOAD,
+        )
+
+    if state == VersionState.REVOKED:
+        with pytest.raises(VersionRevoked) as revoked:
+            alice_downloads()
+        assert revoked.value.status == 410
+    else:
+        assert alice_downloads()
 
 
 def test_version_get(world):
