@@ -62,8 +62,11 @@ def _moment(params: QueryDict, name: str) -> datetime | None:
 
 
 def _choice(params: QueryDict, name: str, choices: list[str]) -> str:
-    value = params.get(name, "")
-    if value and value not in choices:
+    # Present but empty is refused too: the schema's enum has no "" (an absent one is no filter).
+    value = params.get(name)
+    if value is None:
+        return ""
+    if value not in choices:
         raise InvalidInput(f"{name} must be one of {', '.join(choices)}", param=name)
     return value
 

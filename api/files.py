@@ -22,6 +22,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api import throttles
 from api.pagination import cursor_by
 from api.serializers import ArtifactOut, UploadIn, UploadOut
 from api.views import ListView, parse, principal_of, user_of
@@ -184,6 +185,7 @@ def content_disposition(filename: str) -> str:
 
 class FileView(APIView):
     content_negotiation_class = JSONErrorsOnly
+    throttle_classes = throttles.UPLOAD  # PUT only
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
@@ -313,6 +315,8 @@ def _session(request: Request, ns: str, model: str, number: int, upload_id: str)
 
 
 class UploadCreateView(APIView):
+    throttle_classes = throttles.UPLOAD
+
     @extend_schema(request=UploadIn, responses={201: UploadOut})
     def post(self, request: Request, ns: str, model: str, number: int) -> Response:
         version = selectors.version_get_for_user(
@@ -351,6 +355,7 @@ class UploadDetailView(APIView):
 
 class UploadPartView(APIView):
     content_negotiation_class = JSONErrorsOnly
+    throttle_classes = throttles.UPLOAD
 
     @extend_schema(request={"application/octet-stream": OpenApiTypes.BINARY}, responses=UploadOut)
     def put(
@@ -365,6 +370,8 @@ class UploadPartView(APIView):
 
 
 class UploadCompleteView(APIView):
+    throttle_classes = throttles.UPLOAD
+
     @extend_schema(request=None, responses={201: ArtifactOut})
     def post(self, request: Request, ns: str, model: str, number: int, upload_id: str) -> Response:
         artifact = uploads.upload_session_complete(

@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from api import audit, files, views
+from api import audit, auth, files, views
 
 
 class VersionNumber:
@@ -60,6 +60,9 @@ urlpatterns = [
     path("audit/verify", audit.AuditVerifyView.as_view()),
     path("jobs", views.JobListView.as_view()),
     path("jobs/<uuid:job_id>", views.JobDetailView.as_view()),
+    path("auth/login", auth.LoginView.as_view()),
+    path("auth/logout", auth.LogoutView.as_view()),
+    path("auth/me", auth.MeView.as_view()),
     path("tokens", views.TokenListView.as_view()),
     path("tokens/<str:token_id>", views.TokenDetailView.as_view()),
 ]

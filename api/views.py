@@ -16,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from api import throttles
 from api.pagination import cursor_by
 from api.serializers import (
     JobOut,
@@ -382,6 +383,7 @@ class JobDetailView(APIView):
 
 class TokenListView(ListView):
     pagination_class = cursor_by("-created_at")
+    throttle_classes = throttles.TOKEN_CREATE  # POST only
 
     @extend_schema(responses=TokenOut(many=True))
     def get(self, request: Request) -> Response:

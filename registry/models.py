@@ -349,6 +349,10 @@ class ApiToken(models.Model):
 class AuditAction(models.TextChoices):
     AUTH_FAILED = "auth.failed"
     LOGIN_FAILED = "auth.login_failed"
+    LOGIN = "auth.login"
+    LOGOUT = "auth.logout"
+    # A password login refused because its username+address is locked out (django-axes).
+    LOCKED_OUT = "auth.locked_out"
     TOKEN_CREATE = "token.create"  # noqa: S105 - an action name, not a secret
     TOKEN_REVOKE = "token.revoke"  # noqa: S105
     NAMESPACE_CREATE = "namespace.create"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import overload
 
@@ -93,6 +94,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "axes",
     "drf_spectacular_sidecar",
     "registry",
     "api",
@@ -111,6 +113,15 @@ MIDDLEWARE = [
     "registry.middleware.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: turns a lockout flagged during login into our JSON 429.
+    "axes.middleware.AxesMiddleware",
+]
+
+# The lockout backend first: it refuses a locked-out username+address before any password is
+# checked (django-axes). It skips calls without a request (shell, commands).
+AUTHENTICATION_BACKENDS = [
+    "api.authentication.LockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "registry.urls"
@@ -291,6 +302,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "api.pagination.CursorPagination",
     "PAGE_SIZE": 100,
     "UNAUTHENTICATED_USER": None,
+    # Refuses (429) every request from an address over SMR_RATE_AUTH_FAILURES; the other
+    # throttles are per view (api/throttles.py) and read their rates from settings per request.
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttles.AuthFailureThrottle"],
 }
 
 SPECTACULAR_SETTINGS = {
@@ -311,7 +325,48 @@ SPECTACULAR_SETTINGS = {
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("SMR_SECURE_COOKIES", SMR_PRODUCTION)
+SESSION_COOKIE_SAMESITE = "Lax"
+# Dashboard sessions end after SMR_SESSION_AGE seconds (default 12 h) and with the browser.
+SESSION_COOKIE_AGE = env_int("SMR_SESSION_AGE", 12 * 3600)
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+CSRF_COOKIE_SAMESITE = "Lax"
+# Readable by the dashboard's JavaScript, which echoes it as X-CSRFToken (Django's advice:
+# an HttpOnly CSRF cookie adds no protection).
+CSRF_COOKIE_HTTPONLY = False
+
+# Throttles and the folding of denied-access events count in the cache. Without SMR_CACHE_URL
+# each process counts alone (local memory); set it (redis://...) so all workers share counts.
+SMR_CACHE_URL = env("SMR_CACHE_URL")
+if SMR_CACHE_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": SMR_CACHE_URL,
+        }
+    }
+
+# --- Identity: lockout and throttles ----------------------------------------------------------
+# Password logins (django-axes): SMR_LOGIN_FAILURE_LIMIT failures of one username from one
+# address lock that pair out for SMR_LOGIN_COOLOFF seconds (a failure while locked out
+# restarts it); answered 429 locked_out with Retry-After. Per username+address, so an attacker
+# elsewhere cannot lock the real user out. Attempts are kept in the database (shared by every
+# worker); the audit log, not axes' access log, records logins.
+AXES_FAILURE_LIMIT = env_int("SMR_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(seconds=env_int("SMR_LOGIN_COOLOFF", 900))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_DISABLE_ACCESS_LOG = True
+AXES_LOCKOUT_CALLABLE = "api.auth.lockout_response"
+# The same client address as the audit log (honours SMR_TRUST_X_FORWARDED_FOR).
+AXES_CLIENT_IP_CALLABLE = "api.authentication.client_ip"
+# API throttles, as DRF rates ("N/s", "N/min", "N/hour", "N/day"). Failed authentications
+# (bad tokens, bad passwords) per client address: past the rate every request from it is 429
+# until the window ends, answered before any token lookup. Token creation per user. Uploads
+# (file PUT, upload sessions, parts) per user: generous, it only stops runaway loops.
+SMR_RATE_AUTH_FAILURES = env("SMR_RATE_AUTH_FAILURES", "100/min")
+SMR_RATE_TOKEN_CREATE = env("SMR_RATE_TOKEN_CREATE", "30/min")
+SMR_RATE_UPLOAD = env("SMR_RATE_UPLOAD", "600/min")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 if SMR_PRODUCTION:
@@ -327,5 +382,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": (env("LOG_LEVEL", "INFO") or "INFO").upper()},
-    "loggers": {"django.db.backends": {"level": "WARNING"}, "botocore": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "botocore": {"level": "WARNING"},
+        # Failures and lockouts are WARNINGs; its INFO lines repeat what the audit log says.
+        "axes": {"level": "WARNING"},
+    },
 }

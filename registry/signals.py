@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from axes.signals import user_locked_out
 from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
-from registry.models import AuditAction, AuditOutcome
-from registry.services.audit import audit_record_now
+from registry.services import sessions
 
 
 @receiver(user_login_failed)
 def login_failed(sender, credentials: dict, request=None, **kwargs) -> None:
     # Django already scrubs the password out of `credentials`; only the username is kept.
-    audit_record_now(
-        action=AuditAction.LOGIN_FAILED,
-        outcome=AuditOutcome.FAILURE,
-        target=f"user:{str(credentials.get('username', ''))[:150]}",
-        details={"method": "session"},
-    )
+    sessions.login_failure_record(username=str(credentials.get("username", "")))
+
+
+@receiver(user_locked_out)
+def locked_out(sender, request=None, username: str | None = None, **kwargs) -> None:
+    sessions.lockout_record(username=str(username or ""))

@@ -1,0 +1,97 @@
+"""Session login for the dashboard: login, logout, who am I.
+
+CSRF: the login view is exempt (DRF exempts views without SessionAuthentication), as a JSON
+API's login may be: it accepts only `application/json` (api.parsers), which a cross-site form
+cannot send and a cross-site script cannot send without a CORS preflight this server never
+grants, so another site cannot log a victim in to the attacker's account. Only this view
+creates sessions; every other unsafe call made with the session cookie (logout included) goes
+through SessionAuthentication, which enforces CSRF: send the `csrftoken` cookie's value (set by
+the login response) as X-CSRFToken.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import User
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api.errors import registry_error_response
+from api.schema import ErrorOut
+from api.throttles import auth_failure_note, client_ip
+from api.views import parse, user_of
+from registry.services import sessions
+
+
+class LoginIn(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    password = serializers.CharField(max_length=4096, trim_whitespace=False)
+
+
+class NamespaceRoleOut(serializers.Serializer):
+    namespace = serializers.CharField()
+    role = serializers.CharField()
+
+
+class MeOut(serializers.Serializer):
+    username = serializers.CharField()
+    namespaces = NamespaceRoleOut(many=True)
+
+
+def me_body(user: User) -> dict:
+    roles = sessions.session_user_roles(user=user)
+    return MeOut({"username": user.get_username(), "namespaces": roles}).data
+
+
+class LoginView(APIView):
+    # No authenticator: no CSRF check (see the module docstring) and a stale cookie or token
+    # cannot get in the way of logging in.
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        request=LoginIn,
+        responses={
+            200: MeOut,
+            401: OpenApiResponse(ErrorOut, description="Wrong username or password."),
+        },
+        description="Starts a session (cookie `sessionid`) and sets the `csrftoken` cookie. "
+        "A wrong username or password is 401 `invalid_credentials`; too many for one username "
+        "from one address is 429 `locked_out` until Retry-After, even with the right password.",
+    )
+    def post(self, request: Request) -> Response:
+        data = parse(LoginIn, request)
+        try:
+            user = sessions.session_login(
+                request=request._request, username=data["username"], password=data["password"]
+            )
+        except (sessions.InvalidCredentials, sessions.LockedOut):
+            auth_failure_note(client_ip(request))
+            raise
+        return Response(me_body(user))
+
+
+class LogoutView(APIView):
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request: Request) -> Response:
+        # The session's user (Django's middleware), not a bearer token's: a token call has no
+        # session to end and records no logout.
+        sessions.session_logout(request=request._request, user=request._request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MeView(APIView):
+    @extend_schema(responses=MeOut)
+    def get(self, request: Request) -> Response:
+        return Response(me_body(user_of(request)))
+
+
+def lockout_response(
+    request: HttpRequest, original_response: HttpResponse | None = None, credentials=None
+) -> JsonResponse:
+    """AXES_LOCKOUT_CALLABLE: axes' middleware answers a locked-out login with our 429."""
+    return registry_error_response(sessions.lockout_error())
