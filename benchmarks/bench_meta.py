@@ -53,7 +53,8 @@ from common import BENCH_NAMESPACE, ChildProcess, Registry, emit, log
 MLFLOW_SPEC = "mlflow==3.17.*"
 TARGET_RATIO = 2.0
 LIST_P95_TARGET_MS = 50.0
-MODEL = "bench-meta"
+# A fresh name per run: the PostgreSQL database smr_bench is kept between runs.
+MODEL = f"bench-meta-{uuid.uuid4().hex[:8]}"
 
 
 # --- the client --------------------------------------------------------------------------------
