@@ -35,6 +35,14 @@ def default_required_gates() -> list[str]:
     return ["scan_clean"]
 
 
+def default_protected_aliases() -> list[str]:
+    return ["production"]
+
+
+# Alias names start with a letter, so an alias can never be read as a version number.
+ALIAS_NAME_RE = r"^[a-z][a-z0-9_-]{0,62}\Z"
+
+
 class Namespace(models.Model):
     name = models.CharField(
         max_length=63,
@@ -60,6 +68,8 @@ class Namespace(models.Model):
     allow_self_review = models.BooleanField(default=False)
     # Names of registry.services.approvals.GATES that must hold for a version to be approved.
     required_gates = models.JSONField(default=default_required_gates)
+    # Alias names only namespace admins may move or delete (registry.services.aliases).
+    protected_aliases = models.JSONField(default=default_protected_aliases)
 
     class Meta:
         constraints = [
@@ -110,6 +120,8 @@ class RegisteredModel(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Free key/value labels {str: str}, bounded by registry.services.catalog.tags_validate.
+    tags = models.JSONField(default=dict, blank=True)
     # The highest version number ever given under this name, carried over from a deleted
     # model of the same name (ModelTombstone): numbers are never handed out twice.
     last_version_number = models.PositiveIntegerField(default=0)
@@ -165,6 +177,7 @@ class ModelVersion(models.Model):
         max_length=16, choices=VersionState.choices, default=VersionState.DRAFT
     )
     description = models.TextField(blank=True, default="")
+    tags = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -190,6 +203,28 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id}/v{self.number} ({self.state})"
+
+
+class ModelAlias(models.Model):
+    """A named pointer (`production`, `staging`) at one approved version of a model."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(
+        max_length=63, validators=[RegexValidator(ALIAS_NAME_RE, "lowercase alias name")]
+    )
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="aliases")
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model", "name"], name="alias_unique_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.name} -> {self.version_id}"
 
 
 class ReviewDecision(models.TextChoices):
@@ -372,6 +407,9 @@ class AuditAction(models.TextChoices):
     VERSION_REVOKE = "version.revoke"
     REVIEW_RECORD = "review.record"
     POLICY_UPDATE = "policy.update"
+    VERSION_UPDATE = "version.update"
+    ALIAS_SET = "alias.set"
+    ALIAS_DELETE = "alias.delete"
     JOB_CREATE = "job.create"
     JOB_FAIL = "job.fail"
     ARTIFACT_UPLOAD = "artifact.upload"
