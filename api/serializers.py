@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from registry import selectors
 from registry.models import (
+    ALIAS_NAME_RE,
     MODEL_NAME_RE,
     NAMESPACE_NAME_RE,
     SEVERITY_CHOICES,
@@ -70,15 +71,45 @@ class ModelIn(serializers.Serializer):
     description = TextField(required=False, allow_blank=True, default="")
 
 
+class TagsField(serializers.DictField):
+    """{key: value} strings; the bounds are checked by registry.services.catalog.tags_validate."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            child=TextField(max_length=256),
+            help_text="Key/value labels, replaced as a whole: at most 50; a key is 1 to 64 "
+            "letters, digits, '_', '.', '-' or '/'; a value at most 256 printable characters.",
+            **kwargs,
+        )
+
+
 class ModelPatch(serializers.Serializer):
     description = TextField(required=False, allow_blank=True)
+    tags = TagsField(required=False)
 
 
 class ModelOut(serializers.Serializer):
     namespace = serializers.CharField(source="namespace.name")
     name = serializers.CharField()
     description = serializers.CharField()
+    tags = serializers.DictField(child=serializers.CharField())
+    aliases = serializers.SerializerMethodField(help_text="Alias name -> version number.")
     created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+    def get_aliases(self, obj) -> dict[str, int]:
+        return {a.name: a.version.number for a in obj.aliases.all()}
+
+
+class VersionPatch(serializers.Serializer):
+    description = TextField(required=False, allow_blank=True)
+    tags = TagsField(required=False)
+
+
+class AliasOut(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.IntegerField(source="version.number")
+    updated_by = serializers.CharField(source="updated_by.username", default=None, allow_null=True)
     updated_at = serializers.DateTimeField()
 
 
@@ -100,9 +131,14 @@ class VersionOut(serializers.Serializer):
     number = serializers.IntegerField()
     state = serializers.CharField()
     description = serializers.CharField()
+    tags = serializers.DictField(child=serializers.CharField())
+    aliases = serializers.SerializerMethodField(help_text="Names of aliases pointing here.")
     created_by = serializers.CharField(source="created_by.username", default=None)
     created_at = serializers.DateTimeField()
     submitted_at = serializers.DateTimeField(allow_null=True)
+
+    def get_aliases(self, obj) -> list[str]:
+        return sorted(a.name for a in obj.aliases.all())
 
 
 class ScanFindingOut(serializers.Serializer):
@@ -158,6 +194,7 @@ class PolicyOut(serializers.Serializer):
     allow_self_review = serializers.BooleanField()
     scan_quarantine_severity = serializers.CharField()
     required_gates = serializers.ListField(child=serializers.CharField())
+    protected_aliases = serializers.ListField(child=serializers.CharField())
 
 
 class StrictBooleanField(serializers.BooleanField):
@@ -188,6 +225,12 @@ class PolicyPatch(serializers.Serializer):
     )
     required_gates = serializers.ListField(
         child=serializers.ChoiceField(choices=sorted(GATES)), required=False, max_length=20
+    )
+    protected_aliases = serializers.ListField(
+        child=NameField(ALIAS_NAME_RE, max_length=63),
+        required=False,
+        max_length=50,
+        help_text="Aliases only namespace admins may move or delete.",
     )
 
 
@@ -352,3 +395,7 @@ class VerifyOut(serializers.Serializer):
     entries = serializers.IntegerField()
     checkpoints = serializers.IntegerField()
     first_bad = serializers.DictField(allow_null=True)
+
+
+class AliasIn(serializers.Serializer):
+    version = StrictIntegerField(min_value=1, max_value=999_999_999)

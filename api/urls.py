@@ -4,12 +4,14 @@ from api import audit, auth, files, views
 
 
 class VersionNumber:
-    regex = "[0-9]{1,9}"
+    # A version number, or an alias name (which starts with a letter, so the two never
+    # overlap); registry.selectors.version_get_for_user resolves either.
+    regex = "(?:[0-9]{1,9}|[a-z][a-z0-9_-]{0,62})"
 
-    def to_python(self, value: str) -> int:
-        return int(value)
+    def to_python(self, value: str) -> int | str:
+        return int(value) if value.isdigit() else value
 
-    def to_url(self, value: int) -> str:
+    def to_url(self, value: int | str) -> str:
         return str(value)
 
 
@@ -40,6 +42,8 @@ urlpatterns = [
     path("namespaces/<str:ns>/models", views.ModelListView.as_view()),
     path(M, views.ModelDetailView.as_view()),
     path(f"{M}/versions", views.VersionListView.as_view()),
+    path(f"{M}/aliases", views.AliasListView.as_view()),
+    path(f"{M}/aliases/<str:alias>", views.AliasDetailView.as_view()),
     path(V, views.VersionDetailView.as_view()),
     path(f"{V}/submit", views.VersionSubmitView.as_view()),
     path(f"{V}/rescan", views.VersionRescanView.as_view()),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth.models import User
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotAuthenticated
 from rest_framework.generics import GenericAPIView
@@ -19,6 +20,8 @@ from rest_framework.views import APIView
 from api import throttles
 from api.pagination import cursor_by
 from api.serializers import (
+    AliasIn,
+    AliasOut,
     JobOut,
     MemberIn,
     MemberOut,
@@ -41,12 +44,14 @@ from api.serializers import (
     VersionIn,
     VersionJobOut,
     VersionOut,
+    VersionPatch,
 )
 from registry import selectors
 from registry.access import Action, Principal
 from registry.errors import InvalidInput
-from registry.models import ApiToken, Job, ModelVersion
-from registry.services import approvals, catalog, scanning, tokens
+from registry.models import ALIAS_NAME_RE, ApiToken, Job, ModelVersion, VersionState
+from registry.services import aliases, approvals, catalog, scanning, tokens
+from registry.services.catalog import TAG_KEY_RE
 
 
 def user_of(request: Request) -> User:
@@ -82,6 +87,20 @@ def parse(
 
 class ListView(GenericAPIView):
     """A paginated list whose queryset comes from a selector."""
+
+    # `?ordering=` values a list takes (the first is the default); empty: one fixed order.
+    orderings: tuple[str, ...] = ()
+
+    def order(self, request: Request) -> None:
+        """Page by the requested ordering. A cursor paginator has one fixed ordering, so the
+        paginator class is picked per request; a cursor is only valid with the ordering it
+        came from (the `next` links keep `ordering`)."""
+        chosen = request.query_params.get("ordering", self.orderings[0])
+        if chosen not in self.orderings:
+            raise InvalidInput(
+                f"ordering must be one of: {', '.join(self.orderings)}.", param="ordering"
+            )
+        self.pagination_class = cursor_by(chosen)
 
     def page(self, request: Request, qs: QuerySet, out: type[serializers.Serializer]) -> Response:
         page = self.paginate_queryset(qs)
@@ -168,12 +187,58 @@ class MemberDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+def _text_param(request: Request, name: str, max_length: int) -> str:
+    value = request.query_params.get(name, "")
+    if len(value) > max_length or not value.isprintable():
+        raise InvalidInput(f"{name} is printable text of at most {max_length} characters.")
+    return value
+
+
+def _tag_params(request: Request) -> tuple[tuple[str, str], ...]:
+    tags = []
+    for raw in request.query_params.getlist("tag"):
+        key, sep, value = raw.partition(":")
+        if not sep or not TAG_KEY_RE.fullmatch(key) or len(value) > 256 or "\x00" in value:
+            raise InvalidInput("tag filters are `key:value` (repeat `tag` to need several).")
+        tags.append((key, value))
+    if len(tags) > 20:
+        raise InvalidInput("At most 20 tag filters.", param="tag")
+    return tuple(tags)
+
+
+TAG_PARAM = OpenApiParameter(
+    "tag", str, many=True, description="`key:value`; repeat to require several tags."
+)
+
+
+def _ordering_param(choices: tuple[str, ...]) -> OpenApiParameter:
+    return OpenApiParameter("ordering", str, enum=list(choices), default=choices[0])
+
+
+MODEL_ORDERINGS = ("name", "-name", "-updated_at", "updated_at")
+VERSION_ORDERINGS = ("-number", "number", "-created_at", "created_at")
+
+
 class ModelListView(ListView):
     pagination_class = cursor_by("name")
+    orderings = MODEL_ORDERINGS
 
-    @extend_schema(responses=ModelOut(many=True))
+    @extend_schema(
+        responses=ModelOut(many=True),
+        parameters=[
+            OpenApiParameter("prefix", str, description="Names starting with (any case)."),
+            TAG_PARAM,
+            _ordering_param(MODEL_ORDERINGS),
+        ],
+    )
     def get(self, request: Request, ns: str) -> Response:
-        qs = selectors.model_list_for_user(principal=principal_of(request), namespace=ns)
+        filters = selectors.ModelFilters(
+            prefix=_text_param(request, "prefix", 128), tags=_tag_params(request)
+        )
+        self.order(request)
+        qs = selectors.model_list_for_user(
+            principal=principal_of(request), namespace=ns, filters=filters
+        )
         return self.page(request, qs, ModelOut)
 
     @extend_schema(request=ModelIn, responses={201: ModelOut})
@@ -213,11 +278,34 @@ class ModelDetailView(APIView):
 
 class VersionListView(ListView):
     pagination_class = cursor_by("-number")
+    orderings = VERSION_ORDERINGS
 
-    @extend_schema(responses=VersionOut(many=True))
+    @extend_schema(
+        responses=VersionOut(many=True),
+        parameters=[
+            OpenApiParameter("state", str, enum=VersionState.values),
+            TAG_PARAM,
+            OpenApiParameter("alias", str, pattern=ALIAS_NAME_RE.removesuffix(r"\Z") + "$"),
+            OpenApiParameter("created_by", str, description="Creator's username."),
+            _ordering_param(VERSION_ORDERINGS),
+        ],
+    )
     def get(self, request: Request, ns: str, model: str) -> Response:
+        state = request.query_params.get("state", "")
+        if state and state not in VersionState.values:
+            raise InvalidInput(f"state must be one of: {', '.join(VersionState.values)}.")
+        alias = request.query_params.get("alias", "")
+        if alias and not re.match(ALIAS_NAME_RE, alias):
+            raise InvalidInput("alias is an alias name (a lowercase letter first).")
+        filters = selectors.VersionFilters(
+            state=state,
+            tags=_tag_params(request),
+            alias=alias,
+            created_by=_text_param(request, "created_by", 150),
+        )
+        self.order(request)
         qs = selectors.version_list_for_user(
-            principal=principal_of(request), namespace=ns, model=model
+            principal=principal_of(request), namespace=ns, model=model, filters=filters
         )
         return self.page(request, qs, VersionOut)
 
@@ -240,6 +328,61 @@ class VersionDetailView(APIView):
             principal=principal, namespace=ns, model=model, number=number
         )
         return Response(VersionDetailOut(version, context={"principal": principal}).data)
+
+    @extend_schema(request=VersionPatch, responses=VersionDetailOut)
+    def patch(self, request: Request, ns: str, model: str, number: int) -> Response:
+        principal = principal_of(request)
+        data = parse(VersionPatch, request, partial=True)
+        version = selectors.version_get_for_user(
+            principal=principal, namespace=ns, model=model, number=number, action=Action.WRITE
+        )
+        version = catalog.version_update(version=version, **data)
+        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+
+
+class AliasListView(ListView):
+    pagination_class = cursor_by("name")
+
+    @extend_schema(responses=AliasOut(many=True))
+    def get(self, request: Request, ns: str, model: str) -> Response:
+        qs = selectors.alias_list_for_user(
+            principal=principal_of(request), namespace=ns, model=model
+        )
+        return self.page(request, qs, AliasOut)
+
+
+class AliasDetailView(APIView):
+    """Aliases move by reviewers and admins (the `review` action); protected aliases (the
+    namespace policy's `protected_aliases`) by admins only."""
+
+    def _model(self, request: Request, ns: str, model: str):
+        return selectors.model_get_for_user(
+            principal=principal_of(request), namespace=ns, name=model, action=Action.REVIEW
+        )
+
+    @extend_schema(
+        request=AliasIn,
+        responses=AliasOut,
+        description="Point the alias at an approved version (created if new). Reviewers and "
+        "admins; a protected alias only admins (403 alias_protected); a version that is not "
+        "approved is a 409 version_not_approved.",
+    )
+    def put(self, request: Request, ns: str, model: str, alias: str) -> Response:
+        data = parse(AliasIn, request)
+        obj = aliases.alias_set(
+            principal=principal_of(request),
+            model=self._model(request, ns, model),
+            name=alias,
+            number=data["version"],
+        )
+        return Response(AliasOut(obj).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, ns: str, model: str, alias: str) -> Response:
+        aliases.alias_delete(
+            principal=principal_of(request), model=self._model(request, ns, model), name=alias
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def version_job_response(principal: Principal, version: ModelVersion, job: Job) -> Response:

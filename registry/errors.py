@@ -203,3 +203,11 @@ class VersionRevoked(RegistryError):
     code = "version_revoked"
     status = 410
     default_message = "This version was revoked by a namespace admin; its files are gone for good."
+
+
+class AliasProtected(PermissionDenied):
+    code = "alias_protected"
+    default_message = (
+        "This alias is protected by the namespace policy (protected_aliases): only namespace "
+        "admins can move or delete it."
+    )

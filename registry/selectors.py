@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import User
-from django.db.models import QuerySet, prefetch_related_objects
+from django.db.models import Exists, OuterRef, Q, QuerySet, prefetch_related_objects
+from django.db.models.fields.json import KT
 
 from registry.access import Action, Principal, principal_allows
 from registry.errors import NotFound, PermissionDenied, VersionQuarantined, VersionRevoked
@@ -23,6 +24,7 @@ from registry.models import (
     AuditEvent,
     Job,
     Membership,
+    ModelAlias,
     ModelVersion,
     Namespace,
     RegisteredModel,
@@ -39,6 +41,9 @@ from registry.services.denials import access_denied_record
 
 # Viewers only fetch bytes of versions that passed review.
 RELEASED_STATES = frozenset({VersionState.APPROVED, VersionState.DEPRECATED})
+
+# A version as the URL names it: its number, or the name of an alias pointing at it.
+VersionRef = int | str
 
 
 def _text_ok(*values: str) -> bool:
@@ -117,10 +122,41 @@ def member_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[Me
     return Membership.objects.filter(namespace=ns).select_related("user")
 
 
-def model_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[RegisteredModel]:
-    """Models of a namespace the caller belongs to."""
+@dataclass(frozen=True)
+class ModelFilters:
+    """Narrowing of a model listing: a name prefix and tags (key, value) that must all match."""
+
+    prefix: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionFilters:
+    """Narrowing of a version listing; empty values mean "any", tags must all match."""
+
+    state: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+    alias: str = ""
+    created_by: str = ""
+
+
+def _tags_filter(qs: QuerySet, tags: tuple[tuple[str, str], ...]) -> QuerySet:
+    # KT (a key transform to text) works on PostgreSQL and SQLite alike, for any key string.
+    for i, (key, value) in enumerate(tags):
+        qs = qs.alias(**{f"_tag{i}": KT(f"tags__{key}")}).filter(**{f"_tag{i}": value})
+    return qs
+
+
+def model_list_for_user(
+    *, principal: Principal, namespace: str, filters: ModelFilters | None = None
+) -> QuerySet[RegisteredModel]:
+    """Models of a namespace the caller belongs to, narrowed by `filters`."""
     ns = namespace_get_for_user(principal=principal, name=namespace, action=Action.READ)
-    return RegisteredModel.objects.filter(namespace=ns).select_related("namespace")
+    qs = RegisteredModel.objects.filter(namespace=ns).select_related("namespace")
+    f = filters or ModelFilters()
+    if f.prefix:
+        qs = qs.filter(name__istartswith=f.prefix)
+    return _tags_filter(qs, f.tags).prefetch_related("aliases__version")
 
 
 def model_get_for_user(
@@ -146,13 +182,46 @@ def model_get_for_user(
 
 
 def version_list_for_user(
-    *, principal: Principal, namespace: str, model: str
+    *, principal: Principal, namespace: str, model: str, filters: VersionFilters | None = None
 ) -> QuerySet[ModelVersion]:
-    """Versions of a model the caller may read."""
+    """Versions of a model the caller may read, narrowed by `filters`."""
     obj = model_get_for_user(
         principal=principal, namespace=namespace, name=model, action=Action.READ
     )
-    return ModelVersion.objects.filter(model=obj).select_related("model__namespace", "created_by")
+    qs = ModelVersion.objects.filter(model=obj).select_related("model__namespace", "created_by")
+    f = filters or VersionFilters()
+    if f.state:
+        qs = qs.filter(state=f.state)
+    if f.created_by:
+        qs = qs.filter(created_by__username=f.created_by)
+    if f.alias:
+        qs = qs.filter(Exists(ModelAlias.objects.filter(version=OuterRef("pk"), name=f.alias)))
+    return _tags_filter(qs, f.tags).prefetch_related("aliases")
+
+
+def alias_list_for_user(
+    *, principal: Principal, namespace: str, model: str
+) -> QuerySet[ModelAlias]:
+    """Aliases of a model the caller may read."""
+    obj = model_get_for_user(
+        principal=principal, namespace=namespace, name=model, action=Action.READ
+    )
+    return ModelAlias.objects.filter(model=obj).select_related("version", "updated_by")
+
+
+def _version_target(namespace: str, model: str, ref: VersionRef, path: str | None = None) -> str:
+    if isinstance(ref, int):
+        return audit_target(namespace, model, ref, path)
+    # An alias not yet resolved (the caller may not even see the model): named as given.
+    return "/".join([audit_target(namespace, model), f"@{ref}", *([path] if path else [])])
+
+
+def _version_lookup(ref: VersionRef) -> Q:
+    # The URL converter hands over an int for digits and a str otherwise (an alias name);
+    # alias names start with a letter, so the two never overlap.
+    if isinstance(ref, int):
+        return Q(number=ref)
+    return Q(aliases__name=ref) if _text_ok(ref) else Q(pk__in=[])
 
 
 def version_get_for_user(
@@ -160,26 +229,33 @@ def version_get_for_user(
     principal: Principal,
     namespace: str,
     model: str,
-    number: int,
+    number: VersionRef,
     action: Action,
     target: str = "",
 ) -> ModelVersion:
-    """Version `number` of a model if the caller may do `action` on it.
+    """Version `number` (or the version alias `number` points at) of a model if the caller
+    may do `action` on it. Every version route resolves aliases here, and only here.
 
     Downloads by viewers are limited to released (approved or deprecated) versions; the
     files of a quarantined version only to its owner and the namespace's admins.
     """
-    target = target or audit_target(namespace, model, number)
+    target = target or _version_target(namespace, model, number)
     m = model_get_for_user(
         principal=principal, namespace=namespace, name=model, action=action, target=target
     )
     version = (
-        ModelVersion.objects.filter(model=m, number=number)
+        ModelVersion.objects.filter(_version_lookup(number), model=m)
         .select_related("model__namespace", "created_by", "submitted_by")
         .first()
     )
     if version is None:
         raise NotFound(f"Version {number} of {namespace}/{model} not found.")
+    if not isinstance(number, int):
+        # Audit records name the version the alias pointed at when it was used.
+        target = target.replace(
+            _version_target(namespace, model, number),
+            audit_target(namespace, model, version.number),
+        )
     if action == Action.DOWNLOAD:
         if version.state == VersionState.REVOKED:
             # Everyone, owner and admins included: a revoked version's bytes are never served.
@@ -199,7 +275,7 @@ def version_get_for_user(
 
 
 def review_list_for_user(
-    *, principal: Principal, namespace: str, model: str, number: int
+    *, principal: Principal, namespace: str, model: str, number: VersionRef
 ) -> QuerySet[Review]:
     """The reviews of a version the caller may read, oldest first."""
     version = version_get_for_user(
@@ -245,10 +321,10 @@ def scan_reports_latest(*, version: ModelVersion) -> list[ScanReport]:
 
 
 def scan_report_list_for_user(
-    *, principal: Principal, namespace: str, model: str, number: int
+    *, principal: Principal, namespace: str, model: str, number: VersionRef
 ) -> QuerySet[ScanReport]:
     """Every scan report of a version, newest first (owner and admins only when quarantined)."""
-    target = audit_target(namespace, model, number) + "/scans"
+    target = _version_target(namespace, model, number) + "/scans"
     version = version_get_for_user(
         principal=principal,
         namespace=namespace,
@@ -287,18 +363,18 @@ def job_get_for_user(*, principal: Principal, job_id: uuid.UUID) -> Job:
 
 
 def version_detail_for_user(
-    *, principal: Principal, namespace: str, model: str, number: int
+    *, principal: Principal, namespace: str, model: str, number: VersionRef
 ) -> ModelVersion:
     """A version the caller may read, with what its detail view shows loaded in bulk."""
     version = version_get_for_user(
         principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
     )
-    prefetch_related_objects([version], "artifacts", "reviews__reviewer")
+    prefetch_related_objects([version], "artifacts", "reviews__reviewer", "aliases")
     return version
 
 
 def artifact_list_for_user(
-    *, principal: Principal, namespace: str, model: str, number: int
+    *, principal: Principal, namespace: str, model: str, number: VersionRef
 ) -> QuerySet[Artifact]:
     """Files of a version the caller may read (metadata only)."""
     version = version_get_for_user(
@@ -312,7 +388,7 @@ def artifact_get_for_user(
     principal: Principal,
     namespace: str,
     model: str,
-    number: int,
+    number: VersionRef,
     path: str,
     action: Action,
 ) -> Artifact:
@@ -325,7 +401,7 @@ def artifact_get_for_user(
         model=model,
         number=number,
         action=action,
-        target=audit_target(namespace, model, number, path),
+        target=_version_target(namespace, model, number, path),
     )
     artifact = Artifact.objects.filter(version=version, path=path).first()
     if artifact is None:
@@ -339,7 +415,7 @@ def upload_session_get_for_user(
     principal: Principal,
     namespace: str,
     model: str,
-    number: int,
+    number: VersionRef,
     upload_id: uuid.UUID | str,
     action: Action,
 ) -> UploadSession:

@@ -34,6 +34,7 @@ from registry.models import (
     VersionState,
 )
 from registry.services import scanning
+from registry.services.aliases import alias_name_validate
 from registry.services.audit import audit_record, audit_target
 
 # Gates a namespace policy may require. Each raises a GateNotMet subclass whose code names
@@ -47,6 +48,7 @@ POLICY_FIELDS = (
     "allow_self_review",
     "scan_quarantine_severity",
     "required_gates",
+    "protected_aliases",
 )
 
 
@@ -61,6 +63,7 @@ def policy_update(
     allow_self_review: bool | None = None,
     scan_quarantine_severity: str | None = None,
     required_gates: list[str] | None = None,
+    protected_aliases: list[str] | None = None,
 ) -> Namespace:
     """Change a namespace's approval policy (audited with the policy before and after).
 
@@ -76,11 +79,14 @@ def policy_update(
         if unknown:
             raise InvalidInput(f"Unknown gate(s) {unknown}; known: {sorted(GATES)}.")
         required_gates = sorted(set(required_gates))
+    if protected_aliases is not None:
+        protected_aliases = sorted({alias_name_validate(name) for name in protected_aliases})
     changes = {
         "approvals_required": approvals_required,
         "allow_self_review": allow_self_review,
         "scan_quarantine_severity": scan_quarantine_severity,
         "required_gates": required_gates,
+        "protected_aliases": protected_aliases,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     with transaction.atomic():

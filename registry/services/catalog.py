@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
@@ -190,19 +192,87 @@ def model_create(
     return model
 
 
-def model_update(*, model: RegisteredModel, description: str | None = None) -> RegisteredModel:
-    """Change a model's description (audited; nothing happens when nothing is given)."""
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
+TAGS_MAX = 50
+TAG_VALUE_MAX = 256
+
+
+def tags_validate(tags: object) -> dict[str, str]:
+    """`tags` if it is a valid tag set (InvalidInput otherwise).
+
+    At most 50 tags; a key is 1 to 64 letters, digits, '_', '.', '-' or '/' (no ':', which
+    separates key and value in the `tag=key:value` list filter); a value is printable text of
+    at most 256 characters.
+    """
+    if not isinstance(tags, dict):
+        raise InvalidInput("tags must be an object of string keys to string values.", field="tags")
+    if len(tags) > TAGS_MAX:
+        raise InvalidInput(f"At most {TAGS_MAX} tags.", field="tags")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not TAG_KEY_RE.fullmatch(key):
+            raise InvalidInput(
+                "A tag key is 1 to 64 letters, digits, '_', '.', '-' or '/'.",
+                field="tags",
+                key=str(key)[:64],
+            )
+        if not isinstance(value, str) or len(value) > TAG_VALUE_MAX or not value.isprintable():
+            raise InvalidInput(
+                f"A tag value is printable text of at most {TAG_VALUE_MAX} characters.",
+                field="tags",
+                key=key,
+            )
+    return dict(tags)
+
+
+def _metadata_changes(description: str | None, tags: dict[str, str] | None) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
     if description is not None:
+        changes["description"] = description
+    if tags is not None:
+        changes["tags"] = tags_validate(tags)
+    return changes
+
+
+def model_update(
+    *, model: RegisteredModel, description: str | None = None, tags: dict[str, str] | None = None
+) -> RegisteredModel:
+    """Change a model's description and/or tags (tags are replaced as a whole; audited with
+    the fields changed; nothing happens when nothing is given)."""
+    changes = _metadata_changes(description, tags)
+    if changes:
         with transaction.atomic():
-            model.description = description
-            model.save(update_fields=["description", "updated_at"])
+            for name, value in changes.items():
+                setattr(model, name, value)
+            model.save(update_fields=[*changes, "updated_at"])
             audit_record(
                 action=AuditAction.MODEL_UPDATE,
                 namespace=model.namespace.name,
                 target=audit_target(model.namespace.name, model.name),
-                details={"fields": ["description"]},
+                details={"fields": sorted(changes), "tags": changes.get("tags")},
             )
     return model
+
+
+def version_update(
+    *, version: ModelVersion, description: str | None = None, tags: dict[str, str] | None = None
+) -> ModelVersion:
+    """Change a version's description and/or tags, in any state (metadata, not files: an
+    approved version stays approved). Tags are replaced as a whole; audited."""
+    changes = _metadata_changes(description, tags)
+    if changes:
+        with transaction.atomic():
+            # A column UPDATE, not save(): a concurrent state transition is never overwritten.
+            ModelVersion.objects.filter(pk=version.pk).update(**changes)
+            for name, value in changes.items():
+                setattr(version, name, value)
+            model = version.model
+            audit_record(
+                action=AuditAction.VERSION_UPDATE,
+                namespace=model.namespace.name,
+                target=audit_target(model.namespace.name, model.name, version.number),
+                details={"fields": sorted(changes), "tags": changes.get("tags")},
+            )
+    return version
 
 
 def model_delete(*, model: RegisteredModel) -> int:

@@ -167,6 +167,7 @@ def test_policy_is_for_admins_and_audited(actors):
         "allow_self_review": False,
         "scan_quarantine_severity": "medium",
         "required_gates": ["scan_clean"],
+        "protected_aliases": ["production"],
     }
     assert actors.client("bob").get(POLICY).status_code == 403
     assert (

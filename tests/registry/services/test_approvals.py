@@ -264,5 +264,6 @@ def test_policy_update_refuses_bad_values(actors, bad):
         "allow_self_review": False,
         "scan_quarantine_severity": "medium",
         "required_gates": ["scan_clean"],
+        "protected_aliases": ["production"],
     }
     assert not AuditEvent.objects.filter(action="policy.update").exists()
