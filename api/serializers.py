@@ -17,6 +17,8 @@ from registry.models import (
     Role,
     ScanVerdict,
     TokenScope,
+    WebhookDeliveryState,
+    WebhookEvent,
 )
 from registry.services.approvals import GATES
 from registry.services.uploads import upload_session_missing_parts
@@ -395,6 +397,45 @@ class VerifyOut(serializers.Serializer):
     entries = serializers.IntegerField()
     checkpoints = serializers.IntegerField()
     first_bad = serializers.DictField(allow_null=True)
+
+
+# --- Webhooks -------------------------------------------------------------------------------------
+
+
+class WebhookIn(serializers.Serializer):
+    url = serializers.URLField(max_length=2000, help_text="http(s) URL of a public receiver.")
+    events = serializers.ListField(
+        child=serializers.ChoiceField(choices=WebhookEvent.choices), min_length=1, max_length=20
+    )
+
+
+class WebhookOut(serializers.Serializer):
+    id = serializers.UUIDField()
+    url = serializers.CharField()
+    events = serializers.ListField(child=serializers.CharField())
+    active = serializers.BooleanField()
+    created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret = serializers.CharField(
+        help_text="The HMAC-SHA256 signing key. Shown once; store it now."
+    )
+
+
+class WebhookDeliveryOut(serializers.Serializer):
+    id = serializers.UUIDField()
+    delivery_id = serializers.UUIDField(help_text="Sent as X-SMR-Delivery; shared by retries.")
+    event = serializers.CharField()
+    payload = serializers.JSONField()
+    attempt = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=WebhookDeliveryState.choices)
+    response_status = serializers.IntegerField(allow_null=True)
+    error = serializers.CharField()
+    duration_ms = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
 
 
 class AliasIn(serializers.Serializer):

@@ -38,6 +38,12 @@ urlpatterns = [
     path("namespaces/<str:ns>", views.NamespaceDetailView.as_view()),
     path("namespaces/<str:ns>/policy", views.PolicyView.as_view()),
     path("namespaces/<str:ns>/members", views.MemberListView.as_view()),
+    path("namespaces/<str:ns>/webhooks", views.WebhookListView.as_view()),
+    path("namespaces/<str:ns>/webhooks/<uuid:webhook_id>", views.WebhookDetailView.as_view()),
+    path(
+        "namespaces/<str:ns>/webhooks/<uuid:webhook_id>/deliveries",
+        views.WebhookDeliveryListView.as_view(),
+    ),
     path("namespaces/<str:ns>/members/<str:username>", views.MemberDetailView.as_view()),
     path("namespaces/<str:ns>/models", views.ModelListView.as_view()),
     path(M, views.ModelDetailView.as_view()),

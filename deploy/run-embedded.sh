@@ -9,8 +9,8 @@ umask 077
 BIN=.venv/bin
 VAR="${SMR_VAR_DIR:-var}"
 mkdir -p "$VAR/celery"
-# One worker consumes every queue here: `celery` (periodic housekeeping) and `scan`.
-"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan \
+# One worker consumes every queue here: `celery` (periodic housekeeping), `scan` and `webhooks`.
+"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan,webhooks \
   --schedule "$VAR/celery/beat-schedule" >"$VAR/celery/worker.log" 2>&1 &
 worker=$!
 echo "Celery worker (pid $worker) logs to $VAR/celery/worker.log"

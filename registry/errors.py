@@ -205,6 +205,15 @@ class VersionRevoked(RegistryError):
     default_message = "This version was revoked by a namespace admin; its files are gone for good."
 
 
+class WebhookUrlNotAllowed(RegistryError):
+    code = "webhook_url_not_allowed"
+    default_message = (
+        "The webhook URL must be http(s), carry no credentials, and resolve only to public "
+        "addresses (loopback, private, link-local and reserved ones are refused unless the "
+        "operator sets SMR_WEBHOOK_ALLOW_PRIVATE=1)."
+    )
+
+
 class AliasProtected(PermissionDenied):
     code = "alias_protected"
     default_message = (

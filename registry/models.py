@@ -427,6 +427,8 @@ class AuditAction(models.TextChoices):
     AUDIT_CHECKPOINT = "audit.checkpoint"
     AUDIT_VERIFY = "audit.verify"
     AUDIT_EXPORT = "audit.export"
+    WEBHOOK_CREATE = "webhook.create"
+    WEBHOOK_DELETE = "webhook.delete"
 
 
 class JobKind(models.TextChoices):
@@ -579,3 +581,83 @@ class AuditCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"checkpoint @{self.size}"
+
+
+class WebhookEvent(models.TextChoices):
+    VERSION_SUBMITTED = "version.submitted"
+    VERSION_SCANNED = "version.scanned"
+    VERSION_QUARANTINED = "version.quarantined"
+    VERSION_APPROVED = "version.approved"
+    VERSION_REJECTED = "version.rejected"
+    VERSION_REVOKED = "version.revoked"
+    ALIAS_MOVED = "alias.moved"
+
+
+class Webhook(models.Model):
+    """A namespace's receiver of signed event deliveries (registry.services.webhooks).
+
+    `secret` is the HMAC-SHA256 key. The server must read it back to sign every delivery, so
+    it cannot be hashed: it is stored as generated, shown once at creation and never returned
+    again by the API. Whoever can read the database can forge deliveries to this receiver.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.CharField(max_length=2000)
+    secret = models.CharField(max_length=128)
+    events = models.JSONField(default=list)
+    active = models.BooleanField(default=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"webhook {self.id} -> {self.url}"
+
+
+class WebhookDeliveryState(models.TextChoices):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WebhookDelivery(models.Model):
+    """One attempt to deliver one event to one webhook: the history is one row per attempt.
+
+    Attempts of the same event share `delivery_id` (sent as X-SMR-Delivery, so a receiver can
+    drop duplicates); a failed attempt that may be retried is followed by a pending row with
+    the next attempt number and the time it is due.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    delivery_id = models.UUIDField(default=uuid.uuid4, db_index=True)
+    event = models.CharField(max_length=40, choices=WebhookEvent.choices)
+    payload = models.JSONField(default=dict)
+    attempt = models.PositiveIntegerField(default=1)
+    state = models.CharField(
+        max_length=16, choices=WebhookDeliveryState.choices, default=WebhookDeliveryState.PENDING
+    )
+    response_status = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["delivery_id", "attempt"], name="webhook_delivery_attempt_unique"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(state__in=WebhookDeliveryState.values),
+                name="webhook_delivery_state_valid",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["webhook", "created_at"], name="webhook_delivery_created_idx")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} delivery {self.delivery_id} attempt {self.attempt} ({self.state})"

@@ -266,7 +266,11 @@ CELERY_TASK_IGNORE_RESULT = True
 # One queue per kind of work, so a flood of uploads to scan cannot starve signing or DP
 # training; periodic housekeeping stays on the default `celery` queue.
 CELERY_TASK_DEFAULT_QUEUE = "celery"
-CELERY_TASK_ROUTES = {"workers.tasks.version_scan": {"queue": "scan"}}
+CELERY_TASK_ROUTES = {
+    "workers.tasks.version_scan": {"queue": "scan"},
+    # A slow or dead receiver must hold up neither scans nor housekeeping.
+    "workers.tasks.webhook_deliver": {"queue": "webhooks"},
+}
 # A scan past the soft limit fails its job cleanly; the hard limit kills the pool process.
 SMR_SCAN_SOFT_TIME_LIMIT = env_int("SMR_SCAN_SOFT_TIME_LIMIT", 3300)
 SMR_SCAN_TIME_LIMIT = env_int("SMR_SCAN_TIME_LIMIT", 3600)
@@ -281,6 +285,14 @@ SMR_JOB_MAX_ATTEMPTS = env_int("SMR_JOB_MAX_ATTEMPTS", 5)
 # A job `running` this long lost its worker and its message (past every time limit and the
 # broker's redelivery): jobs_dispatch queues it again.
 SMR_JOB_LOST_AFTER = env_int("SMR_JOB_LOST_AFTER", 4 * 3600)
+# Webhooks: each attempt waits SMR_WEBHOOK_TIMEOUT seconds at most; a failed one is retried
+# after SMR_WEBHOOK_BACKOFF * 2**(attempt-1) seconds, up to SMR_WEBHOOK_MAX_ATTEMPTS attempts.
+# Receivers on loopback/private/link-local/reserved addresses are refused (SSRF) unless
+# SMR_WEBHOOK_ALLOW_PRIVATE=1.
+SMR_WEBHOOK_TIMEOUT = env_int("SMR_WEBHOOK_TIMEOUT", 10)
+SMR_WEBHOOK_BACKOFF = env_int("SMR_WEBHOOK_BACKOFF", 30)
+SMR_WEBHOOK_MAX_ATTEMPTS = env_int("SMR_WEBHOOK_MAX_ATTEMPTS", 5)
+SMR_WEBHOOK_ALLOW_PRIVATE = env_bool("SMR_WEBHOOK_ALLOW_PRIVATE", False)
 CELERY_BEAT_SCHEDULE = {
     "jobs-dispatch": {
         "task": "workers.tasks.jobs_dispatch",

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import OperationalError
 
 from registry import errors, storage
-from registry.services import audit, janitor, jobs, scanning
+from registry.services import audit, janitor, jobs, scanning, webhooks
 
 # What a retry can fix. Anything else is a bug or bad input: retrying would not help.
 TRANSIENT = (OperationalError, errors.StorageUnavailable, errors.KeyServiceUnavailable)
@@ -66,6 +66,25 @@ def version_scan(self: Task, job_id: str) -> str | None:
     except ValueError:
         return None
     return scanning.version_scan(job_id=job)
+
+
+@shared_task(
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=3,
+    soft_time_limit=settings.SMR_WEBHOOK_TIMEOUT + 30,
+    time_limit=settings.SMR_WEBHOOK_TIMEOUT + 60,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def webhook_deliver(attempt_id: str) -> str | None:
+    """Make one webhook delivery attempt; a failed one schedules the next (its own message)."""
+    try:
+        attempt = uuid.UUID(attempt_id)
+    except ValueError:
+        return None
+    following = webhooks.webhook_deliver(attempt_id=attempt)
+    return str(following) if following else None
 
 
 @shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)

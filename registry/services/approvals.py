@@ -32,8 +32,9 @@ from registry.models import (
     Review,
     ReviewDecision,
     VersionState,
+    WebhookEvent,
 )
-from registry.services import scanning
+from registry.services import scanning, webhooks
 from registry.services.aliases import alias_name_validate
 from registry.services.audit import audit_record, audit_target
 
@@ -168,10 +169,24 @@ def review_record(
     return review
 
 
+# Transitions receivers hear about (deprecation is not an event).
+WEBHOOK_EVENTS: dict[str, WebhookEvent] = {
+    AuditAction.VERSION_APPROVE: WebhookEvent.VERSION_APPROVED,
+    AuditAction.VERSION_REJECT: WebhookEvent.VERSION_REJECTED,
+    AuditAction.VERSION_REVOKE: WebhookEvent.VERSION_REVOKED,
+}
+
+
 def _transition(version: ModelVersion, state: str, action: str, target: str) -> None:
     previous = version.state
     version.state = state
     version.save(update_fields=["state", "approved_at"])
+    if action in WEBHOOK_EVENTS:
+        webhooks.webhooks_emit(
+            namespace=version.model.namespace,
+            event=WEBHOOK_EVENTS[action],
+            payload=webhooks.version_payload(version, previous_state=previous),
+        )
     audit_record(
         action=action,
         namespace=version.model.namespace.name,

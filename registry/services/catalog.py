@@ -38,8 +38,9 @@ from registry.models import (
     TokenScope,
     UploadPart,
     VersionState,
+    WebhookEvent,
 )
-from registry.services import scanning
+from registry.services import scanning, webhooks
 from registry.services.audit import audit_record, audit_target
 from registry.services.pending import pending_discard
 
@@ -383,6 +384,11 @@ def version_submit(
         locked.submitted_by = submitter
         locked.save(update_fields=["submitted_at", "submitted_by"])
         job = scanning.scan_schedule(version=locked, user=submitter)
+        webhooks.webhooks_emit(
+            namespace=locked.model.namespace,
+            event=WebhookEvent.VERSION_SUBMITTED,
+            payload=webhooks.version_payload(locked),
+        )
         audit_record(
             action=AuditAction.VERSION_SUBMIT,
             namespace=version.model.namespace.name,

@@ -40,9 +40,10 @@ from registry.models import (
     ScanReport,
     ScanVerdict,
     VersionState,
+    WebhookEvent,
 )
 from registry.scanners import Finding, Severity, is_unanalysable
-from registry.services import audit, jobs
+from registry.services import audit, jobs, webhooks
 from registry.services.artifacts import artifact_unwrap_dek, associated_data
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,11 @@ def _scan_conclude(
                     bytes_read=s.bytes_read,
                 )
                 for s in scans
+            )
+            webhooks.webhooks_emit(
+                namespace=version.model.namespace,
+                event=WebhookEvent.VERSION_QUARANTINED if blocked else WebhookEvent.VERSION_SCANNED,
+                payload=webhooks.version_payload(version, state=str(new_state), job=str(job.pk)),
             )
             # Last: the audit append lock is held until commit.
             audit.audit_record(

@@ -38,6 +38,10 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     (f"POST {V}/{{number}}/uploads", "positive_data_acceptance"): (
         "`path` has no schema pattern for the characters validate_artifact_path refuses."
     ),
+    ("POST /api/v1/namespaces/{ns}/webhooks", "positive_data_acceptance"): (
+        "`url` must resolve to public addresses only (the SSRF check), which a schema cannot "
+        "say; this server has no SMR_WEBHOOK_ALLOW_PRIVATE and no DNS (a 400)."
+    ),
 }
 
 CONFIG = """

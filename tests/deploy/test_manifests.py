@@ -257,8 +257,28 @@ def test_one_worker_deployment_per_queue() -> None:
         queue = queue_of(container["command"])
         assert "," not in queue, f"{name} consumes several queues: {queue}"
         queues[queue] = name
-    assert set(queues) == settings_queues() == {"celery", "scan"}
+    assert set(queues) == settings_queues() == {"celery", "scan", "webhooks"}
     assert queues["scan"] == "smr-worker-scan"
+    assert queues["webhooks"] == "smr-worker-webhooks"
+
+
+def test_only_webhook_workers_reach_outside_on_http_and_never_private_ranges() -> None:
+    """Bug caught: webhook pods left without egress (nothing is delivered), or allowed into
+    the cluster's private ranges (the SSRF the application check guards against)."""
+    policy = find("NetworkPolicy", "smr-webhooks-egress")
+    labels = pod_spec_labels(find("Deployment", "smr-worker-webhooks"))
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (rule,) = policy["spec"]["egress"]
+    (block,) = rule["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(
+        block["ipBlock"]["except"]
+    )
+    assert {p["port"] for p in rule["ports"]} == {80, 443}
+
+
+def pod_spec_labels(doc: dict) -> dict:
+    return doc["spec"]["template"]["metadata"]["labels"]
 
 
 def test_scan_workers_scale_on_their_queue_length() -> None:

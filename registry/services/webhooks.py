@@ -1,0 +1,398 @@
+"""Webhooks: per-namespace receivers of signed event deliveries, with retries and history.
+
+`webhooks_emit` runs inside the transaction of the state change it reports: it inserts one
+pending WebhookDelivery row per subscribed webhook and enqueues the delivery once that
+transaction commits (`transaction.on_commit`, like jobs), so a receiver never hears of a
+change that rolled back. `webhook_deliver` makes one attempt; a failed attempt that may be
+retried adds the next attempt's row and enqueues it after an exponential backoff. Delivery
+is at least once: receivers drop duplicates by X-SMR-Delivery.
+
+Signature (documented for receivers): the POST carries X-SMR-Timestamp (unix seconds) and
+X-SMR-Signature: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>, body being the exact
+request bytes.
+
+SSRF: the URL is checked at creation and again at each attempt; its host is resolved once and
+the connection goes to the address that was checked (the Host header and, for https, SNI and
+certificate check keep the hostname), so a DNS answer that changes in between (rebinding)
+cannot redirect the request. Redirects are never followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from registry.errors import InvalidInput, NotFound, WebhookUrlNotAllowed
+from registry.models import (
+    AuditAction,
+    ModelVersion,
+    Namespace,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryState,
+    WebhookEvent,
+)
+from registry.services.audit import audit_record, audit_target
+
+logger = logging.getLogger(__name__)
+
+DELIVER_TASK = ("workers.tasks.webhook_deliver", "webhooks")
+SIGNATURE_VERSION = "v1"
+USER_AGENT = "SecureModelRegistry-Webhook/1"
+
+
+# --- Signing ----------------------------------------------------------------------------------
+
+
+def webhook_signature(*, secret: str, timestamp: int, body: bytes) -> str:
+    """The X-SMR-Signature value: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
+
+
+def webhook_signature_verify(
+    *, secret: str, timestamp: int, body: bytes, signature: str, tolerance: int = 300
+) -> bool:
+    """What a receiver does: recompute, compare in constant time, refuse stale timestamps."""
+    if abs(time.time() - timestamp) > tolerance:
+        return False
+    expected = webhook_signature(secret=secret, timestamp=timestamp, body=body)
+    return hmac.compare_digest(expected, signature)
+
+
+# --- SSRF -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str
+    port: int
+    address: str  # the checked IP the connection goes to
+    path: str
+
+
+def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_unspecified
+        or ip.is_reserved
+        or not ip.is_global
+    )
+
+
+def webhook_url_check(url: str) -> Target:
+    """Parse and resolve `url`; raise WebhookUrlNotAllowed unless every address it resolves
+    to is public (or SMR_WEBHOOK_ALLOW_PRIVATE is set). Returns the address to connect to."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookUrlNotAllowed(f"The webhook URL is malformed: {exc}.") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookUrlNotAllowed("The webhook URL must start with http:// or https://.")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookUrlNotAllowed(
+            "The webhook URL must not carry credentials; the signature authenticates us."
+        )
+    host = parts.hostname
+    if not host:
+        raise WebhookUrlNotAllowed("The webhook URL has no host.")
+    port = port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise WebhookUrlNotAllowed(
+            f"The webhook host {host!r} does not resolve; use a name with a public address."
+        ) from None
+    addresses = []
+    for info in infos:
+        # The scope id of a link-local IPv6 answer ("fe80::1%eth0") is not part of the address.
+        addresses.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
+    if not addresses:
+        raise WebhookUrlNotAllowed(f"The webhook host {host!r} has no address.")
+    if not settings.SMR_WEBHOOK_ALLOW_PRIVATE:
+        refused = [str(a) for a in addresses if not _address_allowed(a)]
+        if refused:
+            # Every answer must be public: a name with one public and one private address
+            # would otherwise reach the private one on some attempts.
+            raise WebhookUrlNotAllowed(
+                f"The webhook host {host!r} resolves to a non-public address ({refused[0]}); "
+                "receivers on loopback, private, link-local or reserved addresses are refused "
+                "unless the operator sets SMR_WEBHOOK_ALLOW_PRIVATE=1.",
+                address=refused[0],
+            )
+    path = parts.path or "/"
+    if parts.query:
+        path = f"{path}?{parts.query}"
+    return Target(parts.scheme, host, port, str(addresses[0]), path)
+
+
+# --- Management -------------------------------------------------------------------------------
+
+
+def webhook_create(
+    *, namespace: Namespace, url: str, events: list[str], creator: User | None
+) -> tuple[Webhook, str]:
+    """Register a receiver for `events` of `namespace` (admins; audited).
+
+    Returns the webhook and its signing secret, which the caller shows once: it is never
+    returned again. The URL must pass the SSRF check now and again at every delivery.
+    """
+    unknown = sorted(set(events) - set(WebhookEvent.values))
+    if not events or unknown:
+        raise InvalidInput(
+            f"events must name at least one of {WebhookEvent.values}.", field="events"
+        )
+    webhook_url_check(url)
+    secret = f"whsec_{secrets.token_hex(32)}"
+    with transaction.atomic():
+        webhook = Webhook.objects.create(
+            namespace=namespace,
+            url=url,
+            secret=secret,
+            events=sorted(set(events)),
+            created_by=creator,
+        )
+        audit_record(
+            action=AuditAction.WEBHOOK_CREATE,
+            namespace=namespace.name,
+            target=audit_target(namespace.name, f"webhooks/{webhook.pk}"),
+            details={"url": url[:500], "events": webhook.events},
+        )
+    return webhook, secret
+
+
+def webhook_list(*, namespace: Namespace) -> QuerySet[Webhook]:
+    return Webhook.objects.filter(namespace=namespace).order_by("created_at")
+
+
+def webhook_get(*, namespace: Namespace, webhook_id: uuid.UUID) -> Webhook:
+    webhook = Webhook.objects.filter(namespace=namespace, pk=webhook_id).first()
+    if webhook is None:
+        raise NotFound(f"Webhook {webhook_id} not found in namespace {namespace.name!r}.")
+    return webhook
+
+
+def webhook_delete(*, namespace: Namespace, webhook_id: uuid.UUID) -> None:
+    """Delete a webhook and its delivery history (audited); pending attempts are dropped."""
+    with transaction.atomic():
+        webhook = webhook_get(namespace=namespace, webhook_id=webhook_id)
+        url = webhook.url
+        webhook.delete()
+        audit_record(
+            action=AuditAction.WEBHOOK_DELETE,
+            namespace=namespace.name,
+            target=audit_target(namespace.name, f"webhooks/{webhook_id}"),
+            details={"url": url[:500]},
+        )
+
+
+def webhook_deliveries(*, webhook: Webhook) -> QuerySet[WebhookDelivery]:
+    return WebhookDelivery.objects.filter(webhook=webhook)
+
+
+# --- Emitting and delivering ------------------------------------------------------------------
+
+
+def version_payload(version: ModelVersion, **extra: Any) -> dict[str, Any]:
+    """The `data` of a version event (version.model.namespace must be loaded)."""
+    return {
+        "namespace": version.model.namespace.name,
+        "model": version.model.name,
+        "version": version.number,
+        "state": str(version.state),
+        **extra,
+    }
+
+
+def webhooks_emit(*, namespace: Namespace, event: str, payload: dict[str, Any]) -> int:
+    """Queue `event` for every active webhook of `namespace` subscribed to it.
+
+    Call inside the transaction of the state change: the rows commit with it and the
+    deliveries are enqueued only after it commits. Returns how many were queued.
+    """
+    hooks = [
+        h for h in Webhook.objects.filter(namespace=namespace, active=True) if event in h.events
+    ]
+    if not hooks:
+        return 0
+    now = timezone.now()
+    # Every attempt sends the same body: when it happened belongs to the payload.
+    payload = {**payload, "occurred_at": now.isoformat()}
+    rows = WebhookDelivery.objects.bulk_create(
+        WebhookDelivery(webhook=h, event=event, payload=payload, attempt=1, next_attempt_at=now)
+        for h in hooks
+    )
+    ids = [row.pk for row in rows]
+
+    def enqueue_all() -> None:
+        for attempt_id in ids:
+            _enqueue(attempt_id)
+
+    transaction.on_commit(enqueue_all)
+    return len(rows)
+
+
+def _enqueue(attempt_id: uuid.UUID, countdown: float = 0) -> None:
+    from workers.app import app
+
+    task, queue = DELIVER_TASK
+    try:
+        with app.connection_for_write(settings.CELERY_BROKER_URL) as conn:
+            conn.ensure_connection(max_retries=0)
+            app.send_task(
+                task,
+                args=[str(attempt_id)],
+                queue=queue,
+                countdown=countdown,
+                connection=conn,
+                retry=False,
+            )
+    except Exception as exc:
+        # The committed change stands; the attempt stays pending (see the report: no
+        # dispatcher re-sends lost webhook messages yet).
+        logger.warning("could not enqueue webhook delivery %s: %s", attempt_id, exc)
+
+
+def _body(row: WebhookDelivery) -> bytes:
+    document = {
+        "id": str(row.delivery_id),
+        "event": row.event,
+        "data": row.payload,
+    }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _post(target: Target, headers: dict[str, str], body: bytes) -> int:
+    """POST to the checked address; returns the status. Raises on connection errors."""
+    timeout = urllib3.Timeout(total=settings.SMR_WEBHOOK_TIMEOUT)
+    pool: urllib3.HTTPConnectionPool
+    if target.scheme == "https":
+        # Connect to the checked IP, yet verify the certificate for the hostname (SNI too).
+        pool = urllib3.HTTPSConnectionPool(
+            target.address,
+            target.port,
+            timeout=timeout,
+            retries=False,
+            server_hostname=target.host,
+            assert_hostname=target.host,
+            cert_reqs="CERT_REQUIRED",
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(
+            target.address, target.port, timeout=timeout, retries=False
+        )
+    host_header = target.host if ":" not in target.host else f"[{target.host}]"
+    default_port = 443 if target.scheme == "https" else 80
+    if target.port != default_port:
+        host_header = f"{host_header}:{target.port}"
+    with pool:
+        response = pool.urlopen(
+            "POST",
+            target.path,
+            body=body,
+            headers={**headers, "Host": host_header},
+            redirect=False,
+            preload_content=False,
+            assert_same_host=False,
+        )
+        try:
+            response.read(4096)  # a receiver's answer is not kept: only its status
+        finally:
+            response.release_conn()
+        return int(response.status)
+
+
+def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
+    """Make one pending delivery attempt; returns the id of the next attempt if one is due.
+
+    The outcome is written with a conditional UPDATE (pending -> succeeded/failed): a message
+    delivered twice may POST twice (receivers drop duplicates by X-SMR-Delivery) but records
+    one outcome and schedules at most one next attempt.
+    """
+    row = (
+        WebhookDelivery.objects.select_related("webhook")
+        .filter(pk=attempt_id, state=WebhookDeliveryState.PENDING)
+        .first()
+    )
+    if row is None:
+        return None
+    webhook = row.webhook
+    body = _body(row)
+    timestamp = int(time.time())
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-SMR-Event": row.event,
+        "X-SMR-Delivery": str(row.delivery_id),
+        "X-SMR-Timestamp": str(timestamp),
+        "X-SMR-Signature": webhook_signature(secret=webhook.secret, timestamp=timestamp, body=body),
+    }
+    status: int | None = None
+    error = ""
+    retryable = True
+    started = time.monotonic()
+    if not webhook.active:
+        error, retryable = "The webhook is disabled.", False
+    else:
+        try:
+            # Checked again now: DNS may have changed since creation, or the setting.
+            target = webhook_url_check(webhook.url)
+            status = _post(target, headers, body)
+            if not 200 <= status < 300:
+                error = f"The receiver answered HTTP {status}."
+        except WebhookUrlNotAllowed as exc:
+            error, retryable = exc.message, False
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            error = f"Could not deliver: {type(exc).__name__}: {exc}"
+    duration_ms = int((time.monotonic() - started) * 1000)
+    succeeded = not error
+    final = succeeded or not retryable or row.attempt >= settings.SMR_WEBHOOK_MAX_ATTEMPTS
+    if not succeeded and final and retryable:
+        error = f"{error} Gave up after {row.attempt} attempts."
+    next_id: uuid.UUID | None = None
+    delay = settings.SMR_WEBHOOK_BACKOFF * 2 ** (row.attempt - 1)
+    with transaction.atomic():
+        won = WebhookDelivery.objects.filter(pk=row.pk, state=WebhookDeliveryState.PENDING).update(
+            state=WebhookDeliveryState.SUCCEEDED if succeeded else WebhookDeliveryState.FAILED,
+            response_status=status,
+            error=error[:500],
+            duration_ms=duration_ms,
+            next_attempt_at=None,
+        )
+        if won and not final:
+            following = WebhookDelivery.objects.create(
+                webhook=webhook,
+                delivery_id=row.delivery_id,
+                event=row.event,
+                payload=row.payload,
+                attempt=row.attempt + 1,
+                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+            )
+            next_id = following.pk
+            transaction.on_commit(lambda: _enqueue(following.pk, countdown=delay))
+    return next_id

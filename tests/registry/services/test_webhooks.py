@@ -1,0 +1,316 @@
+"""registry/services/webhooks.py: signed deliveries to a loopback receiver for the version
+lifecycle, retries with history, and the SSRF refusals. Deliveries run in-process here
+(webhook_deliver, as the worker calls it); tests/workers/test_webhook_worker.py uses Celery."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import pytest
+
+from registry.errors import WebhookUrlNotAllowed
+from registry.models import AuditEvent, WebhookDelivery, WebhookEvent
+from registry.services import approvals, catalog, scanning, webhooks
+from tests.registry.services.test_approvals import pending
+from tests.registry.services.test_scanning import MALICIOUS_PICKLE, put
+from tests.support.receiver import Received, receiver
+
+ALL_EVENTS = list(WebhookEvent.values)
+
+
+def deliver_pending() -> int:
+    """Run every pending attempt (and the attempts they schedule) in-process."""
+    done = 0
+    while True:
+        due = list(
+            WebhookDelivery.objects.filter(state="pending")
+            .order_by("created_at", "attempt")
+            .values_list("pk", flat=True)
+        )
+        if not due:
+            return done
+        for attempt_id in due:
+            webhooks.webhook_deliver(attempt_id=attempt_id)
+            done += 1
+
+
+def verifies(req: Received, secret: str, body: bytes | None = None) -> bool:
+    return webhooks.webhook_signature_verify(
+        secret=secret,
+        timestamp=int(req.headers["X-SMR-Timestamp"]),
+        body=req.body if body is None else body,
+        signature=req.headers["X-SMR-Signature"],
+    )
+
+
+@pytest.fixture
+def allow_private(settings):
+    settings.SMR_WEBHOOK_ALLOW_PRIVATE = True
+    settings.SMR_WEBHOOK_BACKOFF = 0
+
+
+def test_submit_scan_approve_reach_the_receiver_signed(actors, draft, allow_private):
+    with receiver() as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=ALL_EVENTS, creator=actors.users["root"]
+        )
+        # mallory's namespace has a webhook too: it must hear nothing of acme.
+        with receiver() as evil_rx:
+            webhooks.webhook_create(
+                namespace=actors.evil, url=evil_rx.url, events=ALL_EVENTS, creator=None
+            )
+            version = pending(draft, actors.users["alice"])
+            bob = actors.users["bob"]
+            approvals.review_record(version=version, reviewer=bob, decision="approve")
+            assert deliver_pending() == 3
+            assert evil_rx.requests == []
+
+    assert [r.headers["X-SMR-Event"] for r in rx.requests] == [
+        "version.submitted",
+        "version.scanned",
+        "version.approved",
+    ]
+    for req in rx.requests:
+        assert req.path == "/hooks/smr"
+        assert req.headers["Content-Type"] == "application/json"
+        assert req.headers["X-SMR-Signature"].startswith("v1=")
+        assert verifies(req, secret), req.headers
+        # Control: a tampered body, or another key, fails the same check.
+        assert not verifies(req, secret, body=req.body.replace(b"acme", b"acmf"))
+        assert not verifies(req, "whsec_" + "0" * 64)
+        document = json.loads(req.body)
+        assert document["id"] == req.headers["X-SMR-Delivery"]
+        assert document["event"] == req.headers["X-SMR-Event"]
+        assert document["data"]["namespace"] == "acme"
+        assert document["data"]["model"] == "bert"
+        assert document["data"]["version"] == 1
+    states = [json.loads(r.body)["data"]["state"] for r in rx.requests]
+    assert states == ["scanning", "pending_review", "approved"]
+    # The documented scheme, computed by hand.
+    import hashlib
+    import hmac
+
+    req = rx.requests[0]
+    mac = hmac.new(
+        secret.encode(), req.headers["X-SMR-Timestamp"].encode() + b"." + req.body, hashlib.sha256
+    )
+    assert req.headers["X-SMR-Signature"] == f"v1={mac.hexdigest()}"
+    history = WebhookDelivery.objects.filter(webhook=hook)
+    assert {d.state for d in history} == {"succeeded"}
+    assert {d.response_status for d in history} == {200}
+    assert AuditEvent.objects.filter(action="webhook.create", namespace="acme").count() == 1
+
+
+def test_quarantine_rejection_and_revocation_events(actors, draft, allow_private):
+    with receiver() as rx:
+        webhooks.webhook_create(
+            namespace=actors.acme,
+            url=rx.url,
+            events=["version.quarantined", "version.rejected", "version.revoked"],
+            creator=None,
+        )
+        alice = actors.users["alice"]
+        put(draft, "model.pkl", MALICIOUS_PICKLE, alice)
+        draft, job = catalog.version_submit(version=draft, submitter=alice)
+        assert scanning.version_scan(job_id=job.pk) == "quarantined"
+        model = draft.model
+        second = pending(catalog.version_create(model=model, creator=alice), alice)
+        approvals.review_record(version=second, reviewer=actors.users["bob"], decision="reject")
+        approvals.version_revoke(version=second)
+        deliver_pending()
+    # Unsubscribed events (submitted, scanned) were not sent.
+    assert [r.headers["X-SMR-Event"] for r in rx.requests] == [
+        "version.quarantined",
+        "version.rejected",
+        "version.revoked",
+    ]
+    revoked = json.loads(rx.requests[2].body)["data"]
+    assert (revoked["version"], revoked["state"], revoked["previous_state"]) == (
+        2,
+        "revoked",
+        "rejected",
+    )
+
+
+def test_failing_receiver_is_retried_and_each_attempt_is_recorded(actors, draft, allow_private):
+    with receiver([500, 500, 200]) as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        first = WebhookDelivery.objects.get(webhook=hook)
+        second = webhooks.webhook_deliver(attempt_id=first.pk)
+        assert second is not None
+        third = webhooks.webhook_deliver(attempt_id=second)
+        assert third is not None
+        assert webhooks.webhook_deliver(attempt_id=third) is None
+        # A duplicate message for a finished attempt changes nothing and sends nothing.
+        assert webhooks.webhook_deliver(attempt_id=first.pk) is None
+    history = list(WebhookDelivery.objects.filter(webhook=hook).order_by("attempt"))
+    assert [(d.attempt, d.state, d.response_status) for d in history] == [
+        (1, "failed", 500),
+        (2, "failed", 500),
+        (3, "succeeded", 200),
+    ]
+    assert "HTTP 500" in history[0].error and history[2].error == ""
+    assert len({d.delivery_id for d in history}) == 1
+    assert all(d.duration_ms is not None for d in history)
+    # Three POSTs, one body: the receiver can drop duplicates by X-SMR-Delivery.
+    assert len(rx.requests) == 3
+    assert len({r.body for r in rx.requests}) == 1
+    assert {r.headers["X-SMR-Delivery"] for r in rx.requests} == {str(first.delivery_id)}
+    assert all(verifies(r, secret) for r in rx.requests)
+
+
+def test_retries_back_off_exponentially_and_give_up(actors, draft, settings, allow_private):
+    settings.SMR_WEBHOOK_MAX_ATTEMPTS = 3
+    settings.SMR_WEBHOOK_BACKOFF = 10
+    with receiver([500]) as rx:
+        hook, _ = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        deliver_pending()
+    history = list(WebhookDelivery.objects.filter(webhook=hook).order_by("attempt"))
+    assert [(d.attempt, d.state) for d in history] == [(1, "failed"), (2, "failed"), (3, "failed")]
+    assert "Gave up after 3 attempts" in history[2].error
+    assert all(d.next_attempt_at is None for d in history)  # nothing is due any more
+    assert len(rx.requests) == 3
+
+
+def test_backoff_schedule_is_exponential(actors, draft, settings, allow_private):
+    settings.SMR_WEBHOOK_BACKOFF = 10
+    with receiver([500]) as rx:
+        hook, _ = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        attempt = WebhookDelivery.objects.get(webhook=hook).pk
+        delays = []
+        for _ in range(3):
+            next_id = webhooks.webhook_deliver(attempt_id=attempt)
+            assert next_id is not None
+            following = WebhookDelivery.objects.get(pk=next_id)
+            delays.append((following.next_attempt_at - following.created_at).total_seconds())
+            attempt = next_id
+        assert len(rx.requests) == 3
+    assert [round(d) for d in delays] == [10, 20, 40]
+
+
+def test_connection_refused_is_retried(actors, draft, allow_private):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens
+    hook, _ = webhooks.webhook_create(
+        namespace=actors.acme,
+        url=f"http://127.0.0.1:{port}/",
+        events=["version.submitted"],
+        creator=None,
+    )
+    put(draft, "config.json", b"{}", actors.users["alice"])
+    catalog.version_submit(version=draft, submitter=actors.users["alice"])
+    first = WebhookDelivery.objects.get(webhook=hook)
+    assert webhooks.webhook_deliver(attempt_id=first.pk) is not None
+    first.refresh_from_db()
+    assert first.state == "failed" and first.response_status is None
+    assert "Could not deliver" in first.error
+
+
+REFUSED = [
+    "http://127.0.0.1/hook",
+    "http://127.1.2.3:8080/hook",
+    "http://10.0.0.1/hook",
+    "http://172.16.5.4/hook",
+    "http://192.168.1.1/hook",
+    "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://[fd00::1]/hook",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://0.0.0.0/hook",
+    "http://100.64.0.1/hook",
+    "http://224.0.0.1/hook",
+    "http://240.0.0.1/hook",
+    "http://localhost:9000/hook",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_private_addresses_are_refused_by_default(actors, url):
+    with pytest.raises(WebhookUrlNotAllowed) as caught:
+        webhooks.webhook_create(namespace=actors.acme, url=url, events=ALL_EVENTS, creator=None)
+    assert caught.value.code == "webhook_url_not_allowed"
+    assert not webhooks.webhook_list(namespace=actors.acme).exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://93.184.216.34/hook",
+        "file:///etc/passwd",
+        "gopher://93.184.216.34/",
+        "http://user:pw@93.184.216.34/hook",
+        "http:///nohost",
+    ],
+)
+def test_bad_schemes_credentials_and_hostless_urls_are_refused_even_when_private_is_allowed(
+    actors, settings, url
+):
+    settings.SMR_WEBHOOK_ALLOW_PRIVATE = True
+    with pytest.raises(WebhookUrlNotAllowed):
+        webhooks.webhook_url_check(url)
+
+
+def test_public_address_is_accepted_and_private_ones_with_the_setting(actors, settings):
+    # Control: the check is not refusing everything (an IP literal needs no DNS).
+    assert webhooks.webhook_url_check("https://93.184.216.34/hook").address == "93.184.216.34"
+    settings.SMR_WEBHOOK_ALLOW_PRIVATE = True
+    for url in ("http://127.0.0.1/hook", "http://localhost:9000/hook", "http://[::1]/h"):
+        webhooks.webhook_create(namespace=actors.acme, url=url, events=ALL_EVENTS, creator=None)
+    assert webhooks.webhook_list(namespace=actors.acme).count() == 3
+
+
+def test_delivery_time_check_refuses_without_retrying(actors, draft, settings, allow_private):
+    with receiver() as rx:
+        hook, _ = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        # The operator withdraws the permission (or DNS now answers a private address).
+        settings.SMR_WEBHOOK_ALLOW_PRIVATE = False
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        first = WebhookDelivery.objects.get(webhook=hook)
+        assert webhooks.webhook_deliver(attempt_id=first.pk) is None
+    assert rx.requests == []
+    first.refresh_from_db()
+    assert first.state == "failed" and "non-public address" in first.error
+
+
+def test_rolled_back_change_emits_nothing(actors, draft, allow_private):
+    from django.db import transaction
+
+    with receiver() as rx:
+        webhooks.webhook_create(namespace=actors.acme, url=rx.url, events=ALL_EVENTS, creator=None)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            put(draft, "config.json", b"{}", actors.users["alice"])
+            catalog.version_submit(version=draft, submitter=actors.users["alice"])
+            raise RuntimeError("the request failed after the submit")
+        assert not WebhookDelivery.objects.exists()
+        assert rx.requests == []
+
+
+def test_delete_removes_webhook_and_history_audited(actors, draft, allow_private):
+    hook, _ = webhooks.webhook_create(
+        namespace=actors.acme, url="http://127.0.0.1:9/", events=ALL_EVENTS, creator=None
+    )
+    webhooks.webhook_delete(namespace=actors.acme, webhook_id=hook.pk)
+    assert not webhooks.webhook_list(namespace=actors.acme).exists()
+    assert AuditEvent.objects.filter(action="webhook.delete").count() == 1
+    from registry.errors import NotFound
+
+    with pytest.raises(NotFound):
+        webhooks.webhook_delete(namespace=actors.evil, webhook_id=uuid.uuid4())
