@@ -22,7 +22,9 @@ from registry.models import (
     ModelVersion,
     RegisteredModel,
     VersionState,
+    WebhookEvent,
 )
+from registry.services import webhooks
 from registry.services.audit import audit_record, audit_target
 from registry.services.denials import access_denied_record
 
@@ -101,6 +103,17 @@ def alias_set(
             )
         alias.version, alias.updated_by = version, principal.user
         alias.save(update_fields=["version", "updated_by", "updated_at"])
+        webhooks.webhooks_emit(
+            namespace=model.namespace,
+            event=WebhookEvent.ALIAS_MOVED,
+            payload={
+                "namespace": model.namespace.name,
+                "model": model.name,
+                "alias": name,
+                "from": before,
+                "to": number,
+            },
+        )
         audit_record(
             action=AuditAction.ALIAS_SET,
             namespace=model.namespace.name,

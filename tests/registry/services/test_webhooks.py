@@ -314,3 +314,29 @@ def test_delete_removes_webhook_and_history_audited(actors, draft, allow_private
 
     with pytest.raises(NotFound):
         webhooks.webhook_delete(namespace=actors.evil, webhook_id=uuid.uuid4())
+
+
+def test_alias_moved_is_delivered(actors, draft, allow_private):
+    from registry.access import Principal
+    from registry.services import aliases
+
+    alice = actors.users["alice"]
+    first = pending(draft, alice)
+    second = pending(catalog.version_create(model=draft.model, creator=alice), alice)
+    for version in (first, second):
+        approvals.review_record(version=version, reviewer=actors.users["bob"], decision="approve")
+    with receiver() as rx:
+        _, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["alias.moved"], creator=None
+        )
+        root = Principal(user=actors.users["root"])
+        aliases.alias_set(principal=root, model=draft.model, name="production", number=1)
+        aliases.alias_set(principal=root, model=draft.model, name="production", number=2)
+        deliver_pending()
+    assert [r.headers["X-SMR-Event"] for r in rx.requests] == ["alias.moved", "alias.moved"]
+    assert all(verifies(r, secret) for r in rx.requests)
+    moves = [json.loads(r.body)["data"] for r in rx.requests]
+    assert [(m["alias"], m["from"], m["to"]) for m in moves] == [
+        ("production", None, 1),
+        ("production", 1, 2),
+    ]
