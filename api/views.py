@@ -45,16 +45,12 @@ from api.serializers import (
     VersionJobOut,
     VersionOut,
     VersionPatch,
-    WebhookCreatedOut,
-    WebhookDeliveryOut,
-    WebhookIn,
-    WebhookOut,
 )
 from registry import selectors
 from registry.access import Action, Principal
 from registry.errors import InvalidInput
-from registry.models import ALIAS_NAME_RE, ApiToken, Job, ModelVersion, Namespace, VersionState
-from registry.services import aliases, approvals, catalog, scanning, tokens, webhooks
+from registry.models import ALIAS_NAME_RE, ApiToken, Job, ModelVersion, VersionState
+from registry.services import aliases, approvals, catalog, scanning, tokens
 from registry.services.catalog import TAG_KEY_RE
 
 
@@ -193,9 +189,16 @@ class MemberDetailView(APIView):
 
 def _text_param(request: Request, name: str, max_length: int) -> str:
     value = request.query_params.get(name, "")
-    if len(value) > max_length or not value.isprintable():
-        raise InvalidInput(f"{name} is printable text of at most {max_length} characters.")
+    # NUL would reach PostgreSQL as a text parameter (a DataError, i.e. a 500).
+    if len(value) > max_length or "\x00" in value:
+        raise InvalidInput(f"{name} is text of at most {max_length} characters, without NUL.")
     return value
+
+
+def _text_param_schema(name: str, max_length: int, description: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        name, str, pattern=f"^[^\\u0000]{{0,{max_length}}}$", description=description
+    )
 
 
 def _tag_params(request: Request) -> tuple[tuple[str, str], ...]:
@@ -205,13 +208,20 @@ def _tag_params(request: Request) -> tuple[tuple[str, str], ...]:
         if not sep or not TAG_KEY_RE.fullmatch(key) or len(value) > 256 or "\x00" in value:
             raise InvalidInput("tag filters are `key:value` (repeat `tag` to need several).")
         tags.append((key, value))
-    if len(tags) > 20:
-        raise InvalidInput("At most 20 tag filters.", param="tag")
+    if len(tags) > 50:
+        raise InvalidInput("At most 50 tag filters.", param="tag")
     return tuple(tags)
 
 
 TAG_PARAM = OpenApiParameter(
-    "tag", str, many=True, description="`key:value`; repeat to require several tags."
+    "tag",
+    str,
+    many=True,
+    pattern="^[A-Za-z0-9_./-]{1,64}:[^\\u0000]{0,256}$",
+    description="`key:value`; repeat to require several tags (at most 50).",
+)
+ALIAS_PARAM = OpenApiParameter(
+    "alias", str, OpenApiParameter.PATH, pattern=ALIAS_NAME_RE.removesuffix(r"\Z") + "$"
 )
 
 
@@ -230,7 +240,7 @@ class ModelListView(ListView):
     @extend_schema(
         responses=ModelOut(many=True),
         parameters=[
-            OpenApiParameter("prefix", str, description="Names starting with (any case)."),
+            _text_param_schema("prefix", 128, "Names starting with this (any case)."),
             TAG_PARAM,
             _ordering_param(MODEL_ORDERINGS),
         ],
@@ -290,7 +300,7 @@ class VersionListView(ListView):
             OpenApiParameter("state", str, enum=VersionState.values),
             TAG_PARAM,
             OpenApiParameter("alias", str, pattern=ALIAS_NAME_RE.removesuffix(r"\Z") + "$"),
-            OpenApiParameter("created_by", str, description="Creator's username."),
+            _text_param_schema("created_by", 150, "The creator's username."),
             _ordering_param(VERSION_ORDERINGS),
         ],
     )
@@ -367,6 +377,7 @@ class AliasDetailView(APIView):
     @extend_schema(
         request=AliasIn,
         responses=AliasOut,
+        parameters=[ALIAS_PARAM],
         description="Point the alias at an approved version (created if new). Reviewers and "
         "admins; a protected alias only admins (403 alias_protected); a version that is not "
         "approved is a 409 version_not_approved.",
@@ -381,7 +392,7 @@ class AliasDetailView(APIView):
         )
         return Response(AliasOut(obj).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(responses={204: None}, parameters=[ALIAS_PARAM])
     def delete(self, request: Request, ns: str, model: str, alias: str) -> Response:
         aliases.alias_delete(
             principal=principal_of(request), model=self._model(request, ns, model), name=alias
@@ -553,56 +564,3 @@ class TokenDetailView(APIView):
             user=user_of(request), key_id=token_id, revoked_by=principal_of(request).token
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-class WebhookListView(ListView):
-    pagination_class = cursor_by("created_at")
-
-    def _namespace(self, request: Request, ns: str) -> Namespace:
-        return selectors.namespace_get_for_user(
-            principal=principal_of(request), name=ns, action=Action.MANAGE
-        )
-
-    @extend_schema(responses=WebhookOut(many=True), description="Webhooks (admins).")
-    def get(self, request: Request, ns: str) -> Response:
-        qs = webhooks.webhook_list(namespace=self._namespace(request, ns))
-        return self.page(request, qs.select_related("created_by"), WebhookOut)
-
-    @extend_schema(
-        request=WebhookIn,
-        responses={201: WebhookCreatedOut},
-        description="Register a receiver (admins). The response carries the signing secret, "
-        "shown this once.",
-    )
-    def post(self, request: Request, ns: str) -> Response:
-        webhook, _secret = webhooks.webhook_create(
-            namespace=self._namespace(request, ns),
-            creator=user_of(request),
-            **parse(WebhookIn, request),
-        )
-        return Response(WebhookCreatedOut(webhook).data, status=status.HTTP_201_CREATED)
-
-
-class WebhookDetailView(APIView):
-    @extend_schema(responses={204: None})
-    def delete(self, request: Request, ns: str, webhook_id: uuid.UUID) -> Response:
-        namespace = selectors.namespace_get_for_user(
-            principal=principal_of(request), name=ns, action=Action.MANAGE
-        )
-        webhooks.webhook_delete(namespace=namespace, webhook_id=webhook_id)
-        return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-class WebhookDeliveryListView(ListView):
-    pagination_class = cursor_by("-created_at")
-
-    @extend_schema(
-        responses=WebhookDeliveryOut(many=True),
-        description="Delivery history, one entry per attempt, newest first (admins).",
-    )
-    def get(self, request: Request, ns: str, webhook_id: uuid.UUID) -> Response:
-        namespace = selectors.namespace_get_for_user(
-            principal=principal_of(request), name=ns, action=Action.MANAGE
-        )
-        webhook = webhooks.webhook_get(namespace=namespace, webhook_id=webhook_id)
-        return self.page(request, webhooks.webhook_deliveries(webhook=webhook), WebhookDeliveryOut)
