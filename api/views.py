@@ -45,12 +45,16 @@ from api.serializers import (
     VersionJobOut,
     VersionOut,
     VersionPatch,
+    WebhookCreatedOut,
+    WebhookDeliveryOut,
+    WebhookIn,
+    WebhookOut,
 )
 from registry import selectors
 from registry.access import Action, Principal
 from registry.errors import InvalidInput
-from registry.models import ALIAS_NAME_RE, ApiToken, Job, ModelVersion, VersionState
-from registry.services import aliases, approvals, catalog, scanning, tokens
+from registry.models import ALIAS_NAME_RE, ApiToken, Job, ModelVersion, Namespace, VersionState
+from registry.services import aliases, approvals, catalog, scanning, tokens, webhooks
 from registry.services.catalog import TAG_KEY_RE
 
 
@@ -564,3 +568,56 @@ class TokenDetailView(APIView):
             user=user_of(request), key_id=token_id, revoked_by=principal_of(request).token
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookListView(ListView):
+    pagination_class = cursor_by("created_at")
+
+    def _namespace(self, request: Request, ns: str) -> Namespace:
+        return selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
+
+    @extend_schema(responses=WebhookOut(many=True), description="Webhooks (admins).")
+    def get(self, request: Request, ns: str) -> Response:
+        qs = webhooks.webhook_list(namespace=self._namespace(request, ns))
+        return self.page(request, qs.select_related("created_by"), WebhookOut)
+
+    @extend_schema(
+        request=WebhookIn,
+        responses={201: WebhookCreatedOut},
+        description="Register a receiver (admins). The response carries the signing secret, "
+        "shown this once.",
+    )
+    def post(self, request: Request, ns: str) -> Response:
+        webhook, _secret = webhooks.webhook_create(
+            namespace=self._namespace(request, ns),
+            creator=user_of(request),
+            **parse(WebhookIn, request),
+        )
+        return Response(WebhookCreatedOut(webhook).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookDetailView(APIView):
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, ns: str, webhook_id: uuid.UUID) -> Response:
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
+        webhooks.webhook_delete(namespace=namespace, webhook_id=webhook_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookDeliveryListView(ListView):
+    pagination_class = cursor_by("-created_at")
+
+    @extend_schema(
+        responses=WebhookDeliveryOut(many=True),
+        description="Delivery history, one entry per attempt, newest first (admins).",
+    )
+    def get(self, request: Request, ns: str, webhook_id: uuid.UUID) -> Response:
+        namespace = selectors.namespace_get_for_user(
+            principal=principal_of(request), name=ns, action=Action.MANAGE
+        )
+        webhook = webhooks.webhook_get(namespace=namespace, webhook_id=webhook_id)
+        return self.page(request, webhooks.webhook_deliveries(webhook=webhook), WebhookDeliveryOut)
