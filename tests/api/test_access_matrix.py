@@ -21,8 +21,18 @@ from django.contrib.auth import get_user_model
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
+from registry.access import Principal
 from registry.models import VersionState
-from registry.services import approvals, artifacts, catalog, scanning, tokens, uploads
+from registry.services import (
+    aliases,
+    approvals,
+    artifacts,
+    catalog,
+    scanning,
+    tokens,
+    uploads,
+    webhooks,
+)
 
 API = "/api/v1"
 NS = f"{API}/namespaces/{{ns}}"
@@ -85,13 +95,27 @@ CALLERS = [
     Caller("alice:read", "alice", "contributor", ("read",)),
     Caller("bob:read", "bob", "reviewer", ("read",)),
     Caller("alice:write", "alice", "contributor", ("write",)),
+    # Review but not admin scope: moves aliases, but not the protected ones.
+    Caller("root:review", "root", "admin", ("review",)),
     # Operators see every job and the whole audit log, but reach no namespace without a role.
     Caller("su", "su", None, superuser=True),
 ]
 # Versions created by root rather than alice: "own drafts" are alice's only.
 ROOTS_DRAFT, ROOTS_PENDING = "root's draft", "root's pending_review"
 OWNER = {ROOTS_DRAFT: "root", ROOTS_PENDING: "root"}
-STATE_OF = {ROOTS_DRAFT: DRAFT, ROOTS_PENDING: PENDING}
+# The approved version reached through its alias (`.../versions/production/...`).
+VIA_ALIAS = "approved via alias"
+STATE_OF = {ROOTS_DRAFT: DRAFT, ROOTS_PENDING: PENDING, VIA_ALIAS: APPROVED}
+PROTECTED, UNPROTECTED = "production", "staging"  # the default policy protects production
+# Alias cases: "<alias>-><state of the version it is pointed at>".
+ALIAS_PUT_OBJECTS = (
+    *(f"{UNPROTECTED}->{state}" for state in STATES),
+    f"{PROTECTED}->{APPROVED}",
+    f"{PROTECTED}->{DRAFT}",
+)
+# A webhook of acme, named through acme, or through evil (mallory's namespace): BOLA by id.
+HOOK, HOOK_VIA_EVIL = "acme's webhook", "acme's webhook via /namespaces/evil"
+HOOK_URL = "http://127.0.0.1:9/hook"  # loopback: SMR_WEBHOOK_ALLOW_PRIVATE in the fixture
 
 
 @dataclass(frozen=True)
@@ -146,12 +170,14 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", M): Rule("ns", 204, action="manage", fresh=True),
     ("GET", f"{M}/versions"): Rule("ns", 200, action="read"),
     ("POST", f"{M}/versions"): Rule("ns", 201, action="write"),
-    ("GET", V): _all(200, "read"),
+    ("GET", V): Rule("ns", 200, action="read", states=(*STATES, VIA_ALIAS)),
+    # Description and tags are metadata: any state (the files stay frozen).
+    ("PATCH", V): _all(200, "write"),
     ("POST", f"{V}/deprecate"): _all(200, "manage", ok_states=frozenset({APPROVED}), fresh=True),
-    ("GET", f"{V}/files"): _all(200, "read"),
+    ("GET", f"{V}/files"): Rule("ns", 200, action="read", states=(*STATES, VIA_ALIAS)),
     # Also HEAD, which the schema does not list: it must answer as GET does.
     ("GET", f"{V}/files/{{path}}"): Rule(
-        "ns", 200, action="download", states=(*STATES, ROOTS_DRAFT, ROOTS_PENDING)
+        "ns", 200, action="download", states=(*STATES, ROOTS_DRAFT, ROOTS_PENDING, VIA_ALIAS)
     ),
     ("PUT", f"{V}/files/{{path}}"): _all(201, "write", ok_states=frozenset({DRAFT})),
     ("DELETE", f"{V}/files/{{path}}"): _all(204, "write", ok_states=frozenset({DRAFT}), fresh=True),
@@ -171,6 +197,22 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", U): Rule("ns", 200, action="write", states=(DRAFT,), fresh=True),
     ("POST", f"{U}/complete"): Rule("ns", 201, action="write", states=(DRAFT,), fresh=True),
     ("PUT", f"{U}/parts/{{part}}"): Rule("ns", 200, action="write", states=(DRAFT,), fresh=True),
+    ("GET", f"{M}/aliases"): Rule("ns", 200, action="read"),
+    # Reviewers and admins move aliases, onto approved versions only; protected ones: admins.
+    ("PUT", f"{M}/aliases/{{alias}}"): Rule(
+        "ns", 200, action="review", states=ALIAS_PUT_OBJECTS, fresh=True
+    ),
+    ("DELETE", f"{M}/aliases/{{alias}}"): Rule(
+        "ns", 204, action="review", states=(UNPROTECTED, PROTECTED), fresh=True
+    ),
+    ("GET", f"{NS}/webhooks"): Rule("ns", 200, action="manage"),
+    ("POST", f"{NS}/webhooks"): Rule("ns", 201, action="manage"),
+    ("DELETE", f"{NS}/webhooks/{{webhook_id}}"): Rule(
+        "ns", 204, action="manage", states=(HOOK, HOOK_VIA_EVIL), fresh=True
+    ),
+    ("GET", f"{NS}/webhooks/{{webhook_id}}/deliveries"): Rule(
+        "ns", 200, action="manage", states=(HOOK, HOOK_VIA_EVIL)
+    ),
     ("GET", f"{NS}/policy"): Rule("ns", 200, action="manage"),
     ("PATCH", f"{NS}/policy"): Rule("ns", 200, action="manage"),
     ("GET", f"{API}/tokens"): Rule("self", 200),
@@ -227,10 +269,18 @@ def expected(rule: Rule, caller: Caller, obj: str) -> int:
     assert rule.kind == "ns", rule
     if caller.superuser and "{job_id}" in template_of(rule):
         return rule.ok if caller.has("read") else 403
-    if caller.role is None:
-        return 404  # not a member: acme's objects do not exist for them
+    if caller.role is None or obj == HOOK_VIA_EVIL:
+        # Not a member: acme's objects do not exist for them. Through evil's path, acme's
+        # webhook does not exist for anyone, evil's own admin included.
+        return 404
     if rule.action not in ROLE_MAY[caller.role] or not caller.has(SCOPE_OF[rule.action]):
         return 403
+    if "->" in obj or obj in (PROTECTED, UNPROTECTED):  # aliases
+        alias, _, state = obj.partition("->")
+        admin = caller.role == "admin" and caller.has("admin")
+        if alias == PROTECTED and not admin:
+            return 403
+        return rule.ok if state in ("", APPROVED) else 409
     owner = caller.user == OWNER.get(obj, "alice")
     owner_or_admin = caller.role == "admin" or owner
     if rule.action == "download":
@@ -292,6 +342,17 @@ class World:
         catalog.model_create(namespace=self.acme, name=self.model, creator=self.users["alice"])
         self.counter = itertools.count()
         self._versions: dict[str, Any] = {}
+        # Every answer is checked for its signing secret: it is shown once, at creation.
+        self.hook, self.hook_secret = self.webhook()
+
+    def webhook(self):
+        return webhooks.webhook_create(
+            namespace=self.acme, url=HOOK_URL, events=["version.approved"], creator=None
+        )
+
+    def alias(self, name: str, version) -> None:
+        root = Principal(user=self.users["root"])
+        aliases.alias_set(principal=root, model=version.model, name=name, number=version.number)
 
     def users_get(self, name: str):
         if name not in self.users:
@@ -300,6 +361,9 @@ class World:
 
     def shared(self, obj: str):
         """The representative version `obj` of acme/bert, made on first use."""
+        if obj == VIA_ALIAS:
+            self.alias(PROTECTED, self.shared(APPROVED))
+            return self.shared(APPROVED)
         if obj not in self._versions:
             self._versions[obj] = self.version(obj, model=self.model)
         return self._versions[obj]
@@ -364,13 +428,16 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
     if rule.states and (obj in STATES or obj in STATE_OF):
         version = world.version(obj) if rule.fresh else world.shared(obj)
         model = version.model.name
+    elif rule.states and "->" in obj:
+        version = world.shared(obj.partition("->")[2])
     elif template.endswith("/models/{model}") and rule.fresh:
         model = catalog.model_create(
             namespace=world.acme, name=world.fresh_name(), creator=world.users["alice"]
         ).name
     params: dict[str, Any] = {"ns": "acme", "model": model}
     if version is not None:
-        params.update(number=version.number, path=version.file_path)
+        number = PROTECTED if obj == VIA_ALIAS else version.number
+        params.update(number=number, path=version.file_path)
     call = Call("")
     m = (method, template)
     if m == ("PUT", f"{V}/files/{{path}}"):
@@ -392,6 +459,17 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
             uploads.upload_part_put(session=session, number=1, chunks=[b"abc"], length=3)
         if template.endswith("/parts/{part}"):
             call.data, call.format, call.content_type = b"abc", None, "application/octet-stream"
+    elif m == ("PUT", f"{M}/aliases/{{alias}}"):
+        params["alias"] = obj.partition("->")[0]
+        call.data = {"version": version.number}
+    elif m == ("DELETE", f"{M}/aliases/{{alias}}"):
+        params["alias"] = obj
+        world.alias(obj, world.shared(APPROVED))
+    elif "{webhook_id}" in template:
+        hook = world.webhook()[0] if rule.fresh else world.hook
+        params.update(webhook_id=hook.pk, ns="evil" if obj == HOOK_VIA_EVIL else "acme")
+    elif m == ("POST", f"{NS}/webhooks"):
+        call.data = {"url": HOOK_URL, "events": ["version.approved", "alias.moved"]}
     elif m == ("POST", f"{V}/uploads"):
         call.data = {"path": world.fresh_name("u"), "size": 3}
     elif m == ("POST", f"{V}/reviews"):
@@ -400,6 +478,8 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
         call.data = {"name": world.fresh_name()}
     elif m in {("PATCH", M), ("PATCH", NS)}:
         call.data = {"description": "matrix"}
+    elif m == ("PATCH", V):
+        call.data = {"description": "matrix", "tags": {"team": "matrix"}}
     elif m == ("PATCH", f"{NS}/policy"):
         call.data = {"approvals_required": 1}
     elif m == ("POST", f"{NS}/members"):
@@ -465,6 +545,7 @@ def world(actors, settings) -> World:
     settings.SMR_RATE_UPLOAD = "10000/min"
     # Password hashing is not either: a fast hasher for the login cases.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.SMR_WEBHOOK_ALLOW_PRIVATE = True
     return World(actors)
 
 
@@ -501,12 +582,13 @@ def test_access_matrix(world, method, template):
             head = world.client(caller).head(call.path)
             if head.status_code != want:
                 mismatches.append(f"HEAD {caller.name} on {obj}: {head.status_code} != {want}")
-        if caller.name == "mallory" and method == "GET" and template in LEAK_CHECKED:
-            content = (
-                b"".join(response.streaming_content) if response.streaming else response.content
-            )
-            if b"acme" in content:
-                mismatches.append(f"mallory on {template}: the answer mentions acme")
+        content = b"".join(response.streaming_content) if response.streaming else response.content
+        leak_checked = caller.name == "mallory" and method == "GET" and template in LEAK_CHECKED
+        if leak_checked and b"acme" in content:
+            mismatches.append(f"mallory on {template}: the answer mentions acme")
+        secrets = [world.hook_secret, *world.plaintext.values()]
+        if any(secret.encode() in content for secret in secrets):
+            mismatches.append(f"{caller.name} on {obj or '-'}: a secret in the answer")
     assert not mismatches, "\n".join(mismatches)
 
 
