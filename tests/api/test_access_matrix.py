@@ -76,6 +76,7 @@ class Caller:
     auditor_anywhere: bool = False  # an auditor membership somewhere (checkpoints, verify)
     audits_somewhere: bool = False  # admin or auditor somewhere (the audit event list)
     superuser: bool = False
+    revoked: bool = False  # the token was revoked: it authenticates nothing
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
@@ -99,6 +100,7 @@ CALLERS = [
     Caller("root:review", "root", "admin", ("review",)),
     # Operators see every job and the whole audit log, but reach no namespace without a role.
     Caller("su", "su", None, superuser=True),
+    Caller("carol:revoked", "carol", "viewer", revoked=True),
 ]
 # Versions created by root rather than alice: "own drafts" are alice's only.
 ROOTS_DRAFT, ROOTS_PENDING = "root's draft", "root's pending_review"
@@ -252,7 +254,7 @@ def schema_operations() -> set[tuple[str, str]]:
 
 def expected(rule: Rule, caller: Caller, obj: str) -> int:
     """The status the specification gives `caller` calling an operation with `rule` on `obj`."""
-    if caller.user is None:
+    if caller.user is None or caller.revoked:
         return 200 if rule.kind == "public" else 401
     if rule.kind == "public":
         return rule.ok
@@ -330,9 +332,12 @@ class World:
         self.plaintext = dict(actors.tokens)
         for caller in CALLERS:
             if caller.user and ":" in caller.name:
-                self.plaintext[caller.name] = tokens.token_create(
+                issued = tokens.token_create(
                     user=self.users[caller.user], scopes=list(caller.scopes)
-                ).plaintext
+                )
+                self.plaintext[caller.name] = issued.plaintext
+                if caller.revoked:
+                    tokens.token_revoke(user=issued.token.user, key_id=issued.token.key_id)
         get_user_model().objects.create_user("lena", password="pw-4-lena!")
         get_user_model().objects.create(username="su", is_superuser=True)
         self.plaintext["su"] = tokens.token_create(
@@ -583,6 +588,12 @@ def test_access_matrix(world, method, template):
             if head.status_code != want:
                 mismatches.append(f"HEAD {caller.name} on {obj}: {head.status_code} != {want}")
         content = b"".join(response.streaming_content) if response.streaming else response.content
+        if (method, template, obj, response.status_code) == ("GET", V, QUARANTINED, 200):
+            # A quarantined version's findings say how to attack a loader: owner and admins.
+            shown = [scan["findings"] is not None for scan in response.json()["scans"]]
+            owner_or_admin = caller.role == "admin" or caller.user == "alice"
+            if not shown or any(shown) != owner_or_admin:
+                mismatches.append(f"{caller.name} on {obj}: findings shown {shown}")
         leak_checked = caller.name == "mallory" and method == "GET" and template in LEAK_CHECKED
         if leak_checked and b"acme" in content:
             mismatches.append(f"mallory on {template}: the answer mentions acme")
