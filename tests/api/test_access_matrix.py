@@ -205,9 +205,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("PUT", f"{U}/parts/{{part}}"): Rule("ns", 200, action="write", states=(DRAFT,), fresh=True),
     ("GET", f"{M}/aliases"): Rule("ns", 200, action="read"),
     # Reviewers and admins move aliases, onto approved versions only; protected ones: admins.
-    ("PUT", f"{M}/aliases/{{alias}}"): Rule(
-        "ns", 200, action="review", states=ALIAS_PUT_OBJECTS, fresh=True
-    ),
+    ("PUT", f"{M}/aliases/{{alias}}"): Rule("ns", 200, action="review", states=ALIAS_PUT_OBJECTS),
+    # fresh: the alias is set again before each case.
     ("DELETE", f"{M}/aliases/{{alias}}"): Rule(
         "ns", 204, action="review", states=(UNPROTECTED, PROTECTED), fresh=True
     ),
@@ -229,12 +228,12 @@ RULES: dict[tuple[str, str], Rule] = {
     ),
 }
 
-# (method, path, caller, object) -> (the correct status, why the server's answer is wrong).
 DOWNLOAD_TOO_WIDE = (
     "selectors.version_get_for_user limits downloads of unreleased versions for viewers only: "
     "any contributor or reviewer downloads every draft and pending version, where issue 8 "
     "gives contributors their own drafts and reviewers versions pending review"
 )
+# (method, path, caller, object) -> (the correct status, why the server's answer is wrong).
 KNOWN_BUGS: dict[tuple[str, str, str, str], tuple[int, str]] = {
     ("GET", f"{V}/files/{{path}}", caller, obj): (403, DOWNLOAD_TOO_WIDE)
     for caller, obj in [
