@@ -261,16 +261,23 @@ def version_get_for_user(
             # Everyone, owner and admins included: a revoked version's bytes are never served.
             raise VersionRevoked(state=version.state)
         role = role_for(principal=principal, namespace=m.namespace)
-        if role == Role.VIEWER and version.state not in RELEASED_STATES:
-            _denied(principal, m.namespace, action, target, reason="viewers download released only")
-            raise PermissionDenied(
-                "Viewers can download approved versions only.", state=version.state
-            )
-        if version.state == VersionState.QUARANTINED and not _owner_or_admin(
+        if version.state not in RELEASED_STATES and not _may_download_unreleased(
             principal, version, role
         ):
-            _denied(principal, m.namespace, action, target, reason="version quarantined")
-            raise VersionQuarantined(state=version.state)
+            if role == Role.VIEWER:
+                _denied(principal, m.namespace, action, target, reason="viewers: released only")
+                raise PermissionDenied(
+                    "Viewers can download approved versions only.", state=version.state
+                )
+            if version.state == VersionState.QUARANTINED:
+                _denied(principal, m.namespace, action, target, reason="version quarantined")
+                raise VersionQuarantined(state=version.state)
+            _denied(principal, m.namespace, action, target, reason="unreleased, not yours")
+            raise PermissionDenied(
+                "Until it is approved, a version's files are for its owner, the namespace's "
+                "admins, and reviewers while it is pending review.",
+                state=version.state,
+            )
     return version
 
 
@@ -282,6 +289,13 @@ def review_list_for_user(
         principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
     )
     return Review.objects.filter(version=version).select_related("reviewer")
+
+
+def _may_download_unreleased(principal: Principal, version: ModelVersion, role: str | None) -> bool:
+    # Contributors fetch their own drafts, reviewers what they are asked to review, admins all.
+    if role == Role.REVIEWER and version.state == VersionState.PENDING_REVIEW:
+        return True
+    return _owner_or_admin(principal, version, role)
 
 
 def _owner_or_admin(principal: Principal, version: ModelVersion, role: str | None) -> bool:
