@@ -49,14 +49,16 @@ def encrypt_to_store(
     """Encrypt `chunks` into object `key` in one pass, returning plaintext size and SHA-256.
 
     The object only becomes visible on commit; on any error the write is aborted, and an
-    unreachable store is a StorageUnavailable (503).
+    store that cannot take the write (unreachable, or a folder that is not usable) is a
+    StorageUnavailable (503): nothing the client sent is at fault.
     """
     encryptor = stream.StreamEncryptor(dek, ad)
     try:
         writer = store.writer(
             key, size_hint=stream.ciphertext_size(size_hint) if size_hint is not None else None
         )
-    except storage.StorageUnavailable as exc:
+    except storage.StorageError as exc:
+        logger.error("object store refused a write of %s: %s", key, exc)
         raise StorageUnavailable() from exc
     try:
         for chunk in chunks:
@@ -70,7 +72,8 @@ def encrypt_to_store(
             writer.abort()
         except storage.StorageError:
             logger.warning("abort of %s failed; the janitor will retry", key)
-        if isinstance(exc, storage.StorageUnavailable):
+        if isinstance(exc, storage.StorageError):
+            logger.error("object store failed a write of %s: %s", key, exc)
             raise StorageUnavailable() from exc
         raise
     sha256 = encryptor.sha256

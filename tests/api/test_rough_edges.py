@@ -275,3 +275,18 @@ def test_audit_filters_outside_their_type_are_400(actors, query):
     r = actors.client("dave").get(f"{AUDIT}/events", query)
     assert r.status_code == 400
     assert r.json()["extra"] == {"param": next(iter(query))}
+
+
+def test_an_unusable_object_folder_is_a_503_not_a_500(actors, draft, settings, tmp_path):
+    # Found by hand under `make run`: a store folder that is a file raised a bare StorageError.
+    from registry import storage
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_bytes(b"")
+    settings.SMR_OBJECTS_DIR = blocked
+    storage.get_object_store.cache_clear()
+    r = put(actors.client("alice"), "x.bin", b"weights")
+    assert r.status_code == 503
+    assert r.json()["code"] == "storage_unavailable"
+    assert "Retry-After" in r
+    assert not Artifact.objects.exists()
