@@ -27,7 +27,9 @@ from typing import Any
 from registry.scanners.base import BytesSource, Finding, ScanContext, ScanResult, Severity, Source
 from registry.scanners.protowire import LEN, VARINT, WireError, WireReader
 
-PARSE_LIMIT = 256 << 20
+# Small enough that the in-memory parse never holds a model's weights: above it, the wire walk
+# reads only the graph structure.
+PARSE_LIMIT = 16 << 20
 MAX_DEPTH = 64  # protobuf's own recursion limit is 100
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _DRIVE = re.compile(r"^[A-Za-z]:")
