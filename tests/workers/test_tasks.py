@@ -71,6 +71,11 @@ def test_worker_signs_checkpoints(settings, tmp_path):
         cp = AuditCheckpoint.objects.get()
         assert cp.size == 5
         key = f"{audit.CHECKPOINT_PREFIX}{5:020d}.json"
+        # The store copy is written after the row commits (no store call inside the
+        # transaction): wait for it rather than race the worker.
+        while not storage.get_object_store().exists(key):
+            assert time.monotonic() < deadline, "the checkpoint was not published to the store"
+            time.sleep(0.2)
         assert storage.get_object_store().exists(key)
         # Signed with the key file, verifiable here with the same public key.
         assert audit.audit_verify().ok
