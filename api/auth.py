@@ -11,6 +11,8 @@ the login response) as X-CSRFToken.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -24,6 +26,7 @@ from api.errors import registry_error_response
 from api.schema import ErrorOut
 from api.throttles import auth_failure_note, client_ip
 from api.views import parse, user_of
+from registry.errors import InvalidCredentials, LockedOut
 from registry.services import sessions
 
 
@@ -47,7 +50,22 @@ def me_body(user: User) -> dict:
     return MeOut({"username": user.get_username(), "namespaces": roles}).data
 
 
-class LoginView(APIView):
+class HttpRequestView(APIView):
+    # Keeps Django's HttpRequest as `http_request`: django.contrib.auth's login()/logout() and
+    # django-axes need the request the middleware sees (axes flags it with axes_locked_out,
+    # which AxesMiddleware reads), and DRF's Request reads through to it but keeps attributes
+    # set on it to itself. Django's View.setup() is handed it before DRF wraps it.
+    # A comment, not a docstring: drf-spectacular would show a docstring in the subclasses'
+    # operations.
+
+    http_request: HttpRequest
+
+    def setup(self, request: HttpRequest, *args: Any, **kwargs: Any) -> None:
+        super().setup(request, *args, **kwargs)
+        self.http_request = request
+
+
+class LoginView(HttpRequestView):
     # No authenticator: no CSRF check (see the module docstring) and a stale cookie or token
     # cannot get in the way of logging in.
     authentication_classes: list = []
@@ -67,20 +85,20 @@ class LoginView(APIView):
         data = parse(LoginIn, request)
         try:
             user = sessions.session_login(
-                request=request._request, username=data["username"], password=data["password"]
+                request=self.http_request, username=data["username"], password=data["password"]
             )
-        except (sessions.InvalidCredentials, sessions.LockedOut):
+        except (InvalidCredentials, LockedOut):
             auth_failure_note(client_ip(request))
             raise
         return Response(me_body(user))
 
 
-class LogoutView(APIView):
+class LogoutView(HttpRequestView):
     @extend_schema(request=None, responses={204: None})
     def post(self, request: Request) -> Response:
         # The session's user (Django's middleware), not a bearer token's: a token call has no
         # session to end and records no logout.
-        sessions.session_logout(request=request._request, user=request._request.user)
+        sessions.session_logout(request=self.http_request, user=self.http_request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -81,6 +81,25 @@ class PermissionDenied(RegistryError):
     default_message = "Your role or token scope does not allow this."
 
 
+class InvalidCredentials(RegistryError):
+    code = "invalid_credentials"
+    status = 401
+    # One message for an unknown user and a wrong password: no username enumeration.
+    default_message = "Wrong username or password."
+
+
+class LockedOut(RegistryError):
+    code = "locked_out"
+    status = 429
+    default_message = (
+        "Too many failed logins for this username from your address; try again after "
+        "Retry-After seconds, or ask an admin to unlock it (manage.py axes_reset_username)."
+    )
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.extra.get("retry_after", 1))}
+
+
 class Conflict(RegistryError):
     code = "conflict"
     status = 409

@@ -17,28 +17,9 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import transaction
 from django.http import HttpRequest
 
-from registry.errors import RegistryError
+from registry.errors import InvalidCredentials, LockedOut
 from registry.models import AuditAction, AuditOutcome, Membership
 from registry.services.audit import audit_record, audit_record_now, context_set_actor
-
-
-class InvalidCredentials(RegistryError):
-    code = "invalid_credentials"
-    status = 401
-    # One message for an unknown user and a wrong password: no username enumeration.
-    default_message = "Wrong username or password."
-
-
-class LockedOut(RegistryError):
-    code = "locked_out"
-    status = 429
-    default_message = (
-        "Too many failed logins for this username from your address; try again after "
-        "Retry-After seconds, or ask an admin to unlock it (manage.py axes_reset_username)."
-    )
-
-    def response_headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.extra.get("retry_after", 1))}
 
 
 def lockout_error() -> LockedOut:
