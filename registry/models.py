@@ -644,6 +644,11 @@ class WebhookDelivery(models.Model):
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # The outbox (registry.services.webhooks.webhooks_dispatch): when a message for this
+    # attempt was last published (null: never, the broker was down), and when a worker took it
+    # (it POSTs only after winning this claim, so a duplicate message never POSTs concurrently).
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -656,7 +661,13 @@ class WebhookDelivery(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["webhook", "created_at"], name="webhook_delivery_created_idx")
+            models.Index(fields=["webhook", "created_at"], name="webhook_delivery_created_idx"),
+            # The dispatcher's scan: only pending attempts, a small set however long the history.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(state="pending"),
+                name="webhook_delivery_pending_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -293,10 +293,29 @@ SMR_WEBHOOK_TIMEOUT = env_int("SMR_WEBHOOK_TIMEOUT", 10)
 SMR_WEBHOOK_BACKOFF = env_int("SMR_WEBHOOK_BACKOFF", 30)
 SMR_WEBHOOK_MAX_ATTEMPTS = env_int("SMR_WEBHOOK_MAX_ATTEMPTS", 5)
 SMR_WEBHOOK_ALLOW_PRIVATE = env_bool("SMR_WEBHOOK_ALLOW_PRIVATE", False)
+# The delivery outbox, as for jobs: webhooks_dispatch runs every SMR_WEBHOOK_DISPATCH_INTERVAL
+# seconds and sends an attempt whose enqueue failed (the broker was down at commit) once it has
+# been due SMR_WEBHOOK_UNSENT_AFTER seconds, one sent but still untaken
+# SMR_WEBHOOK_REDISPATCH_AFTER seconds after it was due (beyond the broker's visibility
+# timeout), and one a worker claimed more than SMR_WEBHOOK_LOST_AFTER seconds ago (past the
+# task's hard time limit, SMR_WEBHOOK_TIMEOUT + 60: that worker died).
+SMR_WEBHOOK_DISPATCH_INTERVAL = env_int("SMR_WEBHOOK_DISPATCH_INTERVAL", 30)
+SMR_WEBHOOK_UNSENT_AFTER = env_int("SMR_WEBHOOK_UNSENT_AFTER", 30)
+SMR_WEBHOOK_REDISPATCH_AFTER = env_int("SMR_WEBHOOK_REDISPATCH_AFTER", 7800)
+SMR_WEBHOOK_LOST_AFTER = env_int("SMR_WEBHOOK_LOST_AFTER", SMR_WEBHOOK_TIMEOUT + 120)
+if SMR_WEBHOOK_LOST_AFTER <= SMR_WEBHOOK_TIMEOUT + 60:
+    raise ImproperlyConfigured(
+        "SMR_WEBHOOK_LOST_AFTER must exceed SMR_WEBHOOK_TIMEOUT + 60 (the delivery task's hard "
+        "time limit), or a slow attempt still running would be taken over and POSTed twice."
+    )
 CELERY_BEAT_SCHEDULE = {
     "jobs-dispatch": {
         "task": "workers.tasks.jobs_dispatch",
         "schedule": SMR_JOB_DISPATCH_INTERVAL,
+    },
+    "webhooks-dispatch": {
+        "task": "workers.tasks.webhooks_dispatch",
+        "schedule": SMR_WEBHOOK_DISPATCH_INTERVAL,
     },
     "audit-checkpoint": {
         "task": "workers.tasks.audit_checkpoint",

@@ -94,6 +94,13 @@ def jobs_dispatch() -> int:
     return jobs.jobs_dispatch()
 
 
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
+def webhooks_dispatch() -> int:
+    """Send webhook attempts whose message was lost (the broker was down at commit, it lost
+    the message, or the worker died mid-attempt)."""
+    return webhooks.webhooks_dispatch()
+
+
 @shared_task(
     autoretry_for=(OperationalError, storage.StorageUnavailable),
     retry_backoff=True,

@@ -7,6 +7,12 @@ change that rolled back. `webhook_deliver` makes one attempt; a failed attempt t
 retried adds the next attempt's row and enqueues it after an exponential backoff. Delivery
 is at least once: receivers drop duplicates by X-SMR-Delivery.
 
+The pending rows are the outbox, as Job rows are for jobs: a publish that fails (the broker is
+down at commit) leaves `enqueued_at` null, and the periodic `webhooks_dispatch` (beat) sends
+such attempts once the broker answers, along with attempts whose message the broker lost and
+attempts whose worker died mid-POST. A worker claims an attempt (a conditional UPDATE of
+`claimed_at`) before it POSTs, so however many messages name an attempt, one POST at a time.
+
 Signature (documented for receivers): the POST carries X-SMR-Timestamp (unix seconds) and
 X-SMR-Signature: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>, body being the exact
 request bytes.
@@ -29,7 +35,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +43,7 @@ import urllib3
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from registry.errors import InvalidInput, NotFound, WebhookUrlNotAllowed
@@ -251,31 +257,114 @@ def webhooks_emit(*, namespace: Namespace, event: str, payload: dict[str, Any]) 
 
     def enqueue_all() -> None:
         for attempt_id in ids:
-            _enqueue(attempt_id)
+            if not webhook_enqueue(attempt_id=attempt_id):
+                break  # the broker is down: webhooks_dispatch sends the rest later
 
     transaction.on_commit(enqueue_all)
     return len(rows)
 
 
-def _enqueue(attempt_id: uuid.UUID, countdown: float = 0) -> None:
+def _publish(attempt_id: uuid.UUID, countdown: float) -> None:
+    # Imported here: the Celery app belongs to the worker layer, above the services.
     from workers.app import app
 
     task, queue = DELIVER_TASK
+    with app.connection_for_write(settings.CELERY_BROKER_URL) as conn:
+        # Fail fast: a request must not hang on a dead broker; webhooks_dispatch retries.
+        conn.ensure_connection(max_retries=0)
+        app.send_task(
+            task,
+            args=[str(attempt_id)],
+            queue=queue,
+            countdown=countdown,
+            connection=conn,
+            retry=False,
+        )
+
+
+def webhook_enqueue(*, attempt_id: uuid.UUID, countdown: float = 0) -> bool:
+    """Publish a pending attempt's message and stamp `enqueued_at`. Never raises for a broker
+    outage: the attempt stays unsent and `webhooks_dispatch` sends it later."""
     try:
-        with app.connection_for_write(settings.CELERY_BROKER_URL) as conn:
-            conn.ensure_connection(max_retries=0)
-            app.send_task(
-                task,
-                args=[str(attempt_id)],
-                queue=queue,
-                countdown=countdown,
-                connection=conn,
-                retry=False,
-            )
+        _publish(attempt_id, countdown)
     except Exception as exc:
-        # The committed change stands; the attempt stays pending (see the report: no
-        # dispatcher re-sends lost webhook messages yet).
-        logger.warning("could not enqueue webhook delivery %s: %s", attempt_id, exc)
+        # kombu's OperationalError, redis' ConnectionError, OSError: whatever the transport
+        # raises, the committed change stands and the outbox keeps the attempt.
+        logger.warning(
+            "could not enqueue webhook delivery %s; webhooks_dispatch will retry: %s",
+            attempt_id,
+            exc,
+        )
+        return False
+    WebhookDelivery.objects.filter(
+        pk=attempt_id, state=WebhookDeliveryState.PENDING, enqueued_at__isnull=True
+    ).update(enqueued_at=timezone.now())
+    return True
+
+
+def _seconds(name: str) -> timedelta:
+    return timedelta(seconds=int(getattr(settings, name)))
+
+
+def _lost_attempts(*, now: datetime, unsent: timedelta, stale: timedelta, lost: timedelta) -> Q:
+    """Pending attempts whose message is missing: never published and due for `unsent`;
+    published, due for `stale` and never taken (the broker lost it); or taken by a worker
+    that has held it past `lost` (it died mid-attempt)."""
+    return Q(state=WebhookDeliveryState.PENDING) & (
+        Q(enqueued_at__isnull=True, claimed_at__isnull=True, next_attempt_at__lte=now - unsent)
+        | Q(
+            enqueued_at__lte=now - stale,
+            claimed_at__isnull=True,
+            next_attempt_at__lte=now - stale,
+        )
+        | Q(claimed_at__lte=now - lost)
+    )
+
+
+def webhooks_dispatch(
+    *, unsent_after: timedelta | None = None, stale_after: timedelta | None = None
+) -> int:
+    """Send again every pending attempt whose message is missing; returns how many were sent.
+
+    An attempt never published (the broker was down at commit) is sent once it has been due
+    for `unsent_after`; one published but still untaken `stale_after` after it was due is sent
+    again; one claimed by a worker for longer than SMR_WEBHOOK_LOST_AFTER (past the task's
+    hard time limit: that worker died) is released and sent again. Each send first wins a
+    conditional UPDATE, so two dispatchers never publish the same attempt in one round.
+    Defaults come from settings.
+    """
+    now = timezone.now()
+    due = _lost_attempts(
+        now=now,
+        unsent=unsent_after if unsent_after is not None else _seconds("SMR_WEBHOOK_UNSENT_AFTER"),
+        stale=stale_after if stale_after is not None else _seconds("SMR_WEBHOOK_REDISPATCH_AFTER"),
+        lost=_seconds("SMR_WEBHOOK_LOST_AFTER"),
+    )
+    candidates = list(
+        WebhookDelivery.objects.filter(due)
+        .order_by("next_attempt_at")
+        .values_list("pk", flat=True)[:1000]
+    )
+    sent = 0
+    for attempt_id in candidates:
+        stamp = timezone.now()
+        # The claim to publish: re-checks `due` in the UPDATE, and afterwards the row no longer
+        # matches it (a fresh enqueued_at, no claim), so a concurrent dispatcher skips it.
+        if not WebhookDelivery.objects.filter(due, pk=attempt_id).update(
+            enqueued_at=stamp, claimed_at=None
+        ):
+            continue
+        try:
+            _publish(attempt_id, 0)
+        except Exception as exc:
+            # No message went out: unsent again, so the next run picks it up first.
+            WebhookDelivery.objects.filter(pk=attempt_id, enqueued_at=stamp).update(
+                enqueued_at=None
+            )
+            logger.warning("webhooks_dispatch: the broker is still down: %s", exc)
+            break
+        sent += 1
+    return sent
 
 
 def _body(row: WebhookDelivery) -> bytes:
@@ -330,17 +419,27 @@ def _post(target: Target, headers: dict[str, str], body: bytes) -> int:
 def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
     """Make one pending delivery attempt; returns the id of the next attempt if one is due.
 
-    The outcome is written with a conditional UPDATE (pending -> succeeded/failed): a message
-    delivered twice may POST twice (receivers drop duplicates by X-SMR-Delivery) but records
-    one outcome and schedules at most one next attempt.
+    The attempt is claimed first (a conditional UPDATE of `claimed_at`): a duplicate message,
+    or one the dispatcher re-sent, finds it claimed or finished and sends nothing. Only a claim
+    older than SMR_WEBHOOK_LOST_AFTER (its worker died) can be taken over, so a receiver may
+    still see an event twice (drop duplicates by X-SMR-Delivery), never two POSTs at once.
+    The outcome is written by the claim's holder only, pending -> succeeded/failed, and
+    schedules at most one next attempt.
     """
-    row = (
-        WebhookDelivery.objects.select_related("webhook")
-        .filter(pk=attempt_id, state=WebhookDeliveryState.PENDING)
-        .first()
+    claim = timezone.now()
+    claimed = (
+        WebhookDelivery.objects.filter(pk=attempt_id, state=WebhookDeliveryState.PENDING)
+        .filter(
+            Q(claimed_at__isnull=True)
+            | Q(claimed_at__lte=claim - _seconds("SMR_WEBHOOK_LOST_AFTER"))
+        )
+        .update(claimed_at=claim)
     )
-    if row is None:
+    if not claimed:
         return None
+    row = WebhookDelivery.objects.select_related("webhook").filter(pk=attempt_id).first()
+    if row is None:
+        return None  # its webhook was deleted in between
     webhook = row.webhook
     body = _body(row)
     timestamp = int(time.time())
@@ -377,7 +476,9 @@ def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
     next_id: uuid.UUID | None = None
     delay = settings.SMR_WEBHOOK_BACKOFF * 2 ** (row.attempt - 1)
     with transaction.atomic():
-        won = WebhookDelivery.objects.filter(pk=row.pk, state=WebhookDeliveryState.PENDING).update(
+        won = WebhookDelivery.objects.filter(
+            pk=row.pk, state=WebhookDeliveryState.PENDING, claimed_at=claim
+        ).update(
             state=WebhookDeliveryState.SUCCEEDED if succeeded else WebhookDeliveryState.FAILED,
             response_status=status,
             error=error[:500],
@@ -394,5 +495,5 @@ def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
             )
             next_id = following.pk
-            transaction.on_commit(lambda: _enqueue(following.pk, countdown=delay))
+            transaction.on_commit(lambda: webhook_enqueue(attempt_id=following.pk, countdown=delay))
     return next_id

@@ -18,10 +18,13 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], hold: threading.Event | None = None) -> None:
         self.statuses = list(statuses) or [200]
         self.requests: list[Received] = []
         self.lock = threading.Lock()
+        # Set when a request has arrived; with `hold`, each answer waits (10 s at most) for it.
+        self.arrived = threading.Event()
+        self.hold = hold
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +37,9 @@ class Receiver:
                         if len(receiver.statuses) > 1
                         else receiver.statuses[0]
                     )
+                receiver.arrived.set()
+                if receiver.hold is not None:
+                    receiver.hold.wait(10)
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -47,8 +53,10 @@ class Receiver:
 
 
 @contextmanager
-def receiver(statuses: list[int] | None = None) -> Iterator[Receiver]:
-    r = Receiver(statuses or [200])
+def receiver(
+    statuses: list[int] | None = None, hold: threading.Event | None = None
+) -> Iterator[Receiver]:
+    r = Receiver(statuses or [200], hold)
     thread = threading.Thread(target=r.server.serve_forever, daemon=True)
     thread.start()
     try:

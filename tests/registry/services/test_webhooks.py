@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import uuid
+from datetime import timedelta
 
 import pytest
+import redis
+from django.db import connection
+from django.utils import timezone
 
 from registry.errors import WebhookUrlNotAllowed
 from registry.models import AuditEvent, WebhookDelivery, WebhookEvent
 from registry.services import approvals, catalog, scanning, webhooks
+from tests.conftest import free_port
 from tests.registry.services.test_approvals import pending
 from tests.registry.services.test_scanning import MALICIOUS_PICKLE, put
 from tests.support.receiver import Received, receiver
@@ -340,3 +346,178 @@ def test_alias_moved_is_delivered(actors, draft, allow_private):
         ("production", None, 1),
         ("production", 1, 2),
     ]
+
+
+# --- The outbox: attempts lost at commit, by the broker or with their worker -----------------
+
+BROKER = "redis://127.0.0.1:6379/11"  # the webhooks worker test's db; those tests run in turn
+
+
+@pytest.fixture
+def broker(settings):
+    client = redis.Redis.from_url(BROKER)
+    client.flushdb()
+    settings.CELERY_BROKER_URL = BROKER
+    yield client
+    client.flushdb()
+
+
+def queued_attempts(client) -> list[str]:
+    """The attempt ids of the messages waiting on the `webhooks` queue, oldest first."""
+    messages = reversed(client.lrange("webhooks", 0, -1))  # kombu LPUSHes
+    return [json.loads(m)["headers"]["argsrepr"].strip("[]()',") for m in messages]
+
+
+def test_broker_down_at_commit_the_dispatcher_sends_the_attempt_once(
+    actors, draft, settings, broker, allow_private, django_capture_on_commit_callbacks
+):
+    with receiver() as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/11"  # nothing listens
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        assert callbacks  # the enqueue did run after the commit, and failed
+        attempt = WebhookDelivery.objects.get(webhook=hook)
+        assert attempt.state == "pending" and attempt.enqueued_at is None
+        # Still down: nothing is sent, and the attempt stays unsent for the next run.
+        assert webhooks.webhooks_dispatch(unsent_after=timedelta(0)) == 0
+        attempt.refresh_from_db()
+        assert attempt.enqueued_at is None
+
+        settings.CELERY_BROKER_URL = BROKER  # the broker is back
+        # Within the grace period the commit's own enqueue may still be under way: not yet.
+        assert webhooks.webhooks_dispatch(unsent_after=timedelta(minutes=1)) == 0
+        assert webhooks.webhooks_dispatch(unsent_after=timedelta(0)) == 1
+        assert queued_attempts(broker) == [str(attempt.pk)]
+        # Sent once: later runs leave it alone while its message waits.
+        assert webhooks.webhooks_dispatch(unsent_after=timedelta(0)) == 0
+        assert broker.llen("webhooks") == 1
+        # What the worker does with the message.
+        assert webhooks.webhook_deliver(attempt_id=uuid.UUID(queued_attempts(broker)[0])) is None
+    assert len(rx.requests) == 1 and verifies(rx.requests[0], secret)
+    attempt.refresh_from_db()
+    assert attempt.state == "succeeded" and attempt.enqueued_at is not None
+    assert webhooks.webhooks_dispatch(unsent_after=timedelta(0), stale_after=timedelta(0)) == 0
+
+
+def test_dispatch_sends_only_attempts_whose_message_is_missing(actors, broker, settings):
+    settings.SMR_WEBHOOK_LOST_AFTER = 600
+    hook, _ = webhooks.webhook_create(
+        namespace=actors.acme, url="https://93.184.216.34/", events=ALL_EVENTS, creator=None
+    )
+    now = timezone.now()
+
+    def ago(**delta: float):
+        return now - timedelta(**delta)
+
+    def attempt(state="pending", **fields) -> WebhookDelivery:
+        return WebhookDelivery.objects.create(
+            webhook=hook, event="version.submitted", state=state, **fields
+        )
+
+    lost = {
+        "unsent": attempt(next_attempt_at=ago(minutes=5)),
+        "stale": attempt(next_attempt_at=ago(hours=3), enqueued_at=ago(hours=3)),
+        "worker died": attempt(
+            next_attempt_at=ago(hours=1), enqueued_at=ago(hours=1), claimed_at=ago(minutes=11)
+        ),
+    }
+    fine = {
+        "unsent, within the grace period": attempt(next_attempt_at=ago(seconds=5)),
+        "a retry not due yet": attempt(next_attempt_at=now + timedelta(minutes=5)),
+        "waiting in the queue": attempt(next_attempt_at=ago(minutes=5), enqueued_at=ago(minutes=5)),
+        "a retry waiting for its countdown": attempt(
+            next_attempt_at=ago(minutes=1), enqueued_at=ago(hours=3)
+        ),
+        "being delivered": attempt(
+            next_attempt_at=ago(hours=1), enqueued_at=ago(hours=1), claimed_at=ago(minutes=9)
+        ),
+        "claimed before its enqueue was stamped": attempt(
+            next_attempt_at=ago(minutes=5), claimed_at=ago(minutes=1)
+        ),
+        "succeeded": attempt("succeeded", next_attempt_at=ago(hours=3)),
+        "failed": attempt("failed", next_attempt_at=ago(hours=3)),
+    }
+
+    sent = webhooks.webhooks_dispatch(
+        unsent_after=timedelta(minutes=1), stale_after=timedelta(hours=2)
+    )
+
+    assert sent == 3
+    assert sorted(queued_attempts(broker)) == sorted(str(a.pk) for a in lost.values())
+    for what, row in fine.items():
+        assert str(row.pk) not in queued_attempts(broker), what
+    died = lost["worker died"]
+    died.refresh_from_db()
+    assert died.claimed_at is None  # released: the re-sent message may claim it
+    # Sent once: the next run leaves them alone.
+    assert (
+        webhooks.webhooks_dispatch(
+            unsent_after=timedelta(minutes=1), stale_after=timedelta(hours=2)
+        )
+        == 0
+    )
+
+
+def test_a_claimed_attempt_is_taken_over_only_after_its_claim_expires(
+    actors, draft, settings, allow_private
+):
+    settings.SMR_WEBHOOK_LOST_AFTER = 600
+    with receiver() as rx:
+        hook, _ = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        row = WebhookDelivery.objects.get(webhook=hook)
+        # Another worker holds it: a second message sends nothing.
+        WebhookDelivery.objects.filter(pk=row.pk).update(
+            claimed_at=timezone.now() - timedelta(minutes=9)
+        )
+        assert webhooks.webhook_deliver(attempt_id=row.pk) is None
+        assert rx.requests == []
+        row.refresh_from_db()
+        assert row.state == "pending"
+        # That worker died long ago (its claim is past SMR_WEBHOOK_LOST_AFTER): taken over.
+        WebhookDelivery.objects.filter(pk=row.pk).update(
+            claimed_at=timezone.now() - timedelta(minutes=11)
+        )
+        assert webhooks.webhook_deliver(attempt_id=row.pk) is None
+    assert len(rx.requests) == 1
+    row.refresh_from_db()
+    assert row.state == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_duplicate_message_never_posts_while_the_first_is_in_flight(actors, draft, allow_private):
+    release = threading.Event()
+    with receiver(hold=release) as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        row = WebhookDelivery.objects.get(webhook=hook)
+
+        def first_worker() -> None:
+            try:
+                webhooks.webhook_deliver(attempt_id=row.pk)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=first_worker)
+        thread.start()
+        try:
+            assert rx.arrived.wait(10), "the first POST never arrived"
+            # The same attempt again, while the receiver holds the first POST: the dispatcher's
+            # copy or a broker redelivery. Without the claim it would POST a second time.
+            assert webhooks.webhook_deliver(attempt_id=row.pk) is None
+        finally:
+            release.set()
+            thread.join(30)
+    assert len(rx.requests) == 1 and verifies(rx.requests[0], secret)
+    row.refresh_from_db()
+    assert row.state == "succeeded" and row.response_status == 200
