@@ -329,13 +329,14 @@ class VersionListView(ListView):
 
     @extend_schema(request=VersionIn, responses={201: VersionDetailOut})
     def post(self, request: Request, ns: str, model: str) -> Response:
+        principal = principal_of(request)
         obj = selectors.model_get_for_user(
-            principal=principal_of(request), namespace=ns, name=model, action=Action.WRITE
+            principal=principal, namespace=ns, name=model, action=Action.WRITE
         )
         version = catalog.version_create(
             model=obj, creator=user_of(request), **parse(VersionIn, request)
         )
-        return Response(VersionDetailOut(version).data, status=status.HTTP_201_CREATED)
+        return Response(version_detail(principal, version), status=status.HTTP_201_CREATED)
 
 
 class VersionDetailView(APIView):
@@ -355,7 +356,7 @@ class VersionDetailView(APIView):
             principal=principal, namespace=ns, model=model, number=number, action=Action.WRITE
         )
         version = catalog.version_update(version=version, **data)
-        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+        return Response(version_detail(principal, version))
 
 
 class AliasListView(ListView):
@@ -404,9 +405,15 @@ class AliasDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+def version_detail(principal: Principal, version: ModelVersion) -> dict[str, Any]:
+    """A version's detail JSON, its files, reviews and aliases loaded in bulk first."""
+    version = selectors.version_related_load(version=version)
+    return VersionDetailOut(version, context={"principal": principal}).data
+
+
 def version_job_response(principal: Principal, version: ModelVersion, job: Job) -> Response:
     body = {
-        "version": VersionDetailOut(version, context={"principal": principal}).data,
+        "version": version_detail(principal, version),
         "job": JobOut(job).data,
     }
     return Response(body, status=status.HTTP_202_ACCEPTED)
@@ -480,7 +487,7 @@ class ReviewListView(ListView):
         )
         body = {
             "review": ReviewOut(review).data,
-            "version": VersionDetailOut(version, context={"principal": principal}).data,
+            "version": version_detail(principal, version),
         }
         return Response(body, status=status.HTTP_201_CREATED)
 
@@ -493,7 +500,7 @@ class VersionDeprecateView(APIView):
             principal=principal, namespace=ns, model=model, number=number, action=Action.MANAGE
         )
         version = approvals.version_deprecate(version=version)
-        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+        return Response(version_detail(principal, version))
 
 
 class VersionRevokeView(APIView):
@@ -508,7 +515,7 @@ class VersionRevokeView(APIView):
             principal=principal, namespace=ns, model=model, number=number, action=Action.MANAGE
         )
         version = approvals.version_revoke(version=version)
-        return Response(VersionDetailOut(version, context={"principal": principal}).data)
+        return Response(version_detail(principal, version))
 
 
 class ScanReportListView(ListView):

@@ -12,9 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import User
-from django.db.models import Exists, OuterRef, Q, QuerySet, prefetch_related_objects
+from django.db.models import (
+    Exists,
+    OuterRef,
+    Prefetch,
+    QuerySet,
+    prefetch_related_objects,
+)
 from django.db.models.fields.json import KT
 
+from registry import joinload
 from registry.access import Action, Principal, principal_allows
 from registry.errors import NotFound, PermissionDenied, VersionQuarantined, VersionRevoked
 from registry.models import (
@@ -49,6 +56,93 @@ VersionRef = int | str
 def _text_ok(*values: str) -> bool:
     # PostgreSQL refuses NUL in text parameters (a DataError, i.e. a 500); no name holds one.
     return not any("\x00" in v for v in values)
+
+
+# --- The hot lookups: namespace, model (and version) and the caller's role in one query ------
+# See registry/joinload.py for why these are composed by hand. Names compare lowercased: they
+# are ASCII (checked first), and the unique constraints are on Lower("name").
+
+_NS = joinload.Part(Namespace, "n")
+_MODEL = joinload.Part(RegisteredModel, "m")
+_VERSION = joinload.Part(ModelVersion, "v")
+_CREATOR = joinload.Part(User, "cu", ("id", "username"))
+_SUBMITTER = joinload.Part(User, "su", ("id", "username"))
+
+
+def _role_column() -> str:
+    q = joinload.quote
+    ms = joinload.Part(Membership, "ms")
+    # Names from the models; the user id is a parameter.
+    return (
+        f"(SELECT {joinload.col(ms, 'role')} FROM {joinload.table(ms)} "  # noqa: S608
+        f"WHERE {joinload.col(ms, 'namespace_id')} = {joinload.col(_NS, 'id')} "
+        f"AND {joinload.col(ms, 'user_id')} = %s) AS {q('caller_role')}"
+    )
+
+
+def _names_match() -> str:
+    return (
+        f"LOWER({joinload.col(_NS, 'name')}) = LOWER(%s) "
+        f"AND LOWER({joinload.col(_MODEL, 'name')}) = LOWER(%s)"
+    )
+
+
+def _join(part: joinload.Part, on: str, *, left: bool = False) -> str:
+    return f"{'LEFT ' if left else ''}JOIN {joinload.table(part)} ON {on}"
+
+
+def _model_query() -> tuple[str, joinload.Hydrator]:
+    """Parameters: the caller's user id, namespace name, model name."""
+    c = joinload.col
+    parts = [_MODEL, _NS]
+    sql = " ".join(
+        [
+            f"SELECT {joinload.select_list(parts)}, {_role_column()}",
+            f"FROM {joinload.table(_MODEL)}",
+            _join(_NS, f"{c(_NS, 'id')} = {c(_MODEL, 'namespace_id')}"),
+            f"WHERE {_names_match()}",
+        ]
+    )
+    return sql, joinload.Hydrator(parts)
+
+
+def _version_query(*, by_alias: bool) -> tuple[str, joinload.Hydrator]:
+    """Parameters: the caller's user id, the alias name (by_alias only), namespace name,
+    model name, the version number (not by_alias)."""
+    c = joinload.col
+    alias = joinload.Part(ModelAlias, "a")
+    parts = [_VERSION, _MODEL, _NS, _CREATOR, _SUBMITTER]
+    clauses = [
+        f"SELECT {joinload.select_list(parts)}, {_role_column()}",
+        f"FROM {joinload.table(_VERSION)}",
+    ]
+    if by_alias:
+        clauses.append(
+            _join(
+                alias, f"{c(alias, 'version_id')} = {c(_VERSION, 'id')} AND {c(alias, 'name')} = %s"
+            )
+        )
+    clauses += [
+        _join(_MODEL, f"{c(_MODEL, 'id')} = {c(_VERSION, 'model_id')}"),
+        _join(_NS, f"{c(_NS, 'id')} = {c(_MODEL, 'namespace_id')}"),
+        _join(_CREATOR, f"{c(_CREATOR, 'id')} = {c(_VERSION, 'created_by_id')}", left=True),
+        _join(_SUBMITTER, f"{c(_SUBMITTER, 'id')} = {c(_VERSION, 'submitted_by_id')}", left=True),
+        f"WHERE {_names_match()}",
+    ]
+    if not by_alias:
+        clauses.append(f"AND {c(_VERSION, 'number')} = %s")
+    return " ".join(clauses), joinload.Hydrator(parts)
+
+
+_MODEL_LOOKUP = joinload.JoinQuery(_model_query)
+_VERSION_LOOKUP = joinload.JoinQuery(lambda: _version_query(by_alias=False))
+_VERSION_BY_ALIAS = joinload.JoinQuery(lambda: _version_query(by_alias=True))
+
+
+def _names_ok(*names: str) -> bool:
+    # Names are ASCII and unique ignoring case, so lookups ignore case too (`ACME` is `acme`).
+    # Non-ASCII input never names anything; it must not reach UPPER() (U+017F upper-cases to 'S').
+    return _text_ok(*names) and all(n.isascii() for n in names)
 
 
 def role_for(*, principal: Principal, namespace: Namespace) -> str | None:
@@ -103,13 +197,7 @@ def namespace_get_for_user(
     *, principal: Principal, name: str, action: Action, target: str = ""
 ) -> Namespace:
     """The namespace `name` if the caller may do `action` in it (NotFound for non-members)."""
-    # Names are ASCII and unique ignoring case, so lookups ignore case too (`ACME` is `acme`).
-    # Non-ASCII input never names anything; it must not reach UPPER() (U+017F upper-cases to 'S').
-    namespace = (
-        Namespace.objects.filter(name__iexact=name).first()
-        if _text_ok(name) and name.isascii()
-        else None
-    )
+    namespace = Namespace.objects.filter(name__iexact=name).first() if _names_ok(name) else None
     if namespace is None:
         raise NotFound(f"Namespace {name!r} not found, or you are not a member.")
     _require(principal, namespace, action, target=target or name)
@@ -163,21 +251,21 @@ def model_get_for_user(
     *, principal: Principal, namespace: str, name: str, action: Action, target: str = ""
 ) -> RegisteredModel:
     """Model `namespace/name` if the caller may do `action` on it."""
-    ns = namespace_get_for_user(
-        principal=principal,
-        name=namespace,
-        action=action,
-        target=target or audit_target(namespace, name),
-    )
-    obj = (  # case-insensitive, as for namespaces
-        RegisteredModel.objects.filter(namespace=ns, name__iexact=name)
-        .select_related("namespace")
-        .first()
-        if _text_ok(name) and name.isascii()
+    target = target or audit_target(namespace, name)
+    found = (
+        _MODEL_LOOKUP.first([principal.user.pk, namespace, name])
+        if _names_ok(namespace, name)
         else None
     )
-    if obj is None:
+    if found is None:
+        # Which part is missing, or refused, decides the answer: the namespace's own lookup.
+        namespace_get_for_user(principal=principal, name=namespace, action=action, target=target)
         raise NotFound(f"Model {namespace}/{name} not found.")
+    (obj, ns), (role,) = found
+    assert isinstance(obj, RegisteredModel) and isinstance(ns, Namespace)
+    obj.namespace = ns
+    principal.roles[ns.pk] = role
+    _require(principal, ns, action, target=target)
     return obj
 
 
@@ -216,14 +304,6 @@ def _version_target(namespace: str, model: str, ref: VersionRef, path: str | Non
     return "/".join([audit_target(namespace, model), f"@{ref}", *([path] if path else [])])
 
 
-def _version_lookup(ref: VersionRef) -> Q:
-    # The URL converter hands over an int for digits and a str otherwise (an alias name);
-    # alias names start with a letter, so the two never overlap.
-    if isinstance(ref, int):
-        return Q(number=ref)
-    return Q(aliases__name=ref) if _text_ok(ref) else Q(pk__in=[])
-
-
 def version_get_for_user(
     *,
     principal: Principal,
@@ -240,16 +320,28 @@ def version_get_for_user(
     files of a quarantined version only to its owner and the namespace's admins.
     """
     target = target or _version_target(namespace, model, number)
-    m = model_get_for_user(
-        principal=principal, namespace=namespace, name=model, action=action, target=target
-    )
-    version = (
-        ModelVersion.objects.filter(_version_lookup(number), model=m)
-        .select_related("model__namespace", "created_by", "submitted_by")
-        .first()
-    )
-    if version is None:
+    found = None
+    if _names_ok(namespace, model):
+        if isinstance(number, int):
+            found = _VERSION_LOOKUP.first([principal.user.pk, namespace, model, number])
+        elif _text_ok(number):
+            found = _VERSION_BY_ALIAS.first([principal.user.pk, number, namespace, model])
+    if found is None:
+        # Namespace, model or version missing, or refused: the model's lookup answers first.
+        model_get_for_user(
+            principal=principal, namespace=namespace, name=model, action=action, target=target
+        )
         raise NotFound(f"Version {number} of {namespace}/{model} not found.")
+    (version, m, ns, creator, submitter), (role,) = found
+    assert isinstance(version, ModelVersion) and isinstance(m, RegisteredModel)
+    assert isinstance(ns, Namespace)
+    m.namespace = ns
+    version.model = m
+    # Partial users (id and username; anything else loads on first use), or None.
+    version.created_by = creator  # type: ignore[assignment]
+    version.submitted_by = submitter  # type: ignore[assignment]
+    principal.roles[ns.pk] = role
+    _require(principal, ns, action, target=target)
     if not isinstance(number, int):
         # Audit records name the version the alias pointed at when it was used.
         target = target.replace(
@@ -319,6 +411,8 @@ def scan_findings_visible(*, principal: Principal, version: ModelVersion) -> boo
 def scan_reports_latest(*, version: ModelVersion) -> list[ScanReport]:
     """The reports of the version's most recent finished scan (one per file); no permission
     check: for callers that already hold a version read through version_get_for_user."""
+    if version.state == VersionState.DRAFT:
+        return []  # scans start with the submission, which ends the draft state
     latest = (
         ScanReport.objects.filter(artifact__version=version)
         .order_by("-created_at")
@@ -383,7 +477,23 @@ def version_detail_for_user(
     version = version_get_for_user(
         principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
     )
-    prefetch_related_objects([version], "artifacts", "reviews__reviewer", "aliases")
+    return version_related_load(version=version)
+
+
+def version_related_load(*, version: ModelVersion) -> ModelVersion:
+    """Load the files, reviews and aliases of a version already read through a selector (or
+    just changed by a service), for its detail view: at most one query each.
+
+    A draft is not asked for reviews or aliases: versions leave the draft state on submission
+    and never return to it, and reviews and aliases (like scans) come after submission.
+    """
+    lookups: list[str | Prefetch] = ["artifacts"]
+    if version.state == VersionState.DRAFT:
+        lookups.append(Prefetch("reviews", queryset=Review.objects.none()))
+        lookups.append(Prefetch("aliases", queryset=ModelAlias.objects.none()))
+    else:
+        lookups += ["reviews__reviewer", "aliases"]
+    prefetch_related_objects([version], *lookups)
     return version
 
 
