@@ -596,21 +596,27 @@ class WebhookEvent(models.TextChoices):
 class Webhook(models.Model):
     """A namespace's receiver of signed event deliveries (registry.services.webhooks).
 
-    `secret` is the HMAC-SHA256 key. The server must read it back to sign every delivery, so
-    it cannot be hashed: it is stored as generated, shown once at creation and never returned
-    again by the API. Whoever can read the database can forge deliveries to this receiver.
+    The HMAC-SHA256 signing secret must be read back to sign every delivery, so it cannot be
+    hashed: its 32 random bytes are wrapped under the key provider's KEK like an artifact's
+    data key (`secret_wrapped`, `secret_kek_id`, bound to this webhook's id), so a copy of the
+    database alone cannot forge deliveries. It is shown once at creation, never again.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="webhooks")
     url = models.CharField(max_length=2000)
-    secret = models.CharField(max_length=128)
+    secret_wrapped = models.BinaryField()
+    secret_kek_id = models.CharField(max_length=512)
     events = models.JSONField(default=list)
     active = models.BooleanField(default=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    # Not a column: the plaintext secret, set only on the instance webhook_create returns, for
+    # the one response that shows it.
+    secret: str
 
     def __str__(self) -> str:
         return f"webhook {self.id} -> {self.url}"

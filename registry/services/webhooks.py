@@ -15,7 +15,9 @@ attempts whose worker died mid-POST. A worker claims an attempt (a conditional U
 
 Signature (documented for receivers): the POST carries X-SMR-Timestamp (unix seconds) and
 X-SMR-Signature: v1=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>, body being the exact
-request bytes.
+request bytes. The secret is "whsec_" + the hex of 32 random bytes; those bytes are a data key
+of the key provider (generated and wrapped like an artifact's DEK, bound to the webhook's id),
+so the database holds only their wrapped form; each attempt unwraps them to sign.
 
 SSRF: the URL is checked at creation and again at each attempt; its host is resolved once and
 the connection goes to the address that was checked (the Host header and, for https, SNI and
@@ -30,7 +32,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import secrets
 import socket
 import time
 import uuid
@@ -46,7 +47,15 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from registry.errors import InvalidInput, NotFound, WebhookUrlNotAllowed
+from registry.crypto import keys
+from registry.errors import (
+    IntegrityFailure,
+    InvalidInput,
+    KeyServiceUnavailable,
+    NotFound,
+    WebhookUrlNotAllowed,
+)
+from registry.keyconfig import get_key_provider, provider_for
 from registry.models import (
     AuditAction,
     ModelVersion,
@@ -57,11 +66,13 @@ from registry.models import (
     WebhookEvent,
 )
 from registry.services.audit import audit_record, audit_target
+from registry.services.envelope import key_provider_call
 
 logger = logging.getLogger(__name__)
 
 DELIVER_TASK = ("workers.tasks.webhook_deliver", "webhooks")
 SIGNATURE_VERSION = "v1"
+SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 USER_AGENT = "SecureModelRegistry-Webhook/1"
 
 
@@ -82,6 +93,23 @@ def webhook_signature_verify(
         return False
     expected = webhook_signature(secret=secret, timestamp=timestamp, body=body)
     return hmac.compare_digest(expected, signature)
+
+
+def secret_context(webhook_id: uuid.UUID) -> dict[str, str]:
+    """The encryption context of a webhook's wrapped secret: a wrapped secret copied onto
+    another webhook's row does not unwrap there (and no artifact DEK passes for one). Frozen
+    in migration 0013, which wrapped the secrets stored before."""
+    return {"smr:webhook": str(webhook_id), "smr:use": "webhook-signing-secret"}
+
+
+def webhook_secret(*, webhook: Webhook) -> str:
+    """The plaintext signing secret of `webhook`, unwrapped by the key provider. Raises
+    KeyServiceUnavailable (retry later) or IntegrityFailure (the wrapped secret, its KEK or its
+    context is wrong). Never log, store or return what it gives."""
+    wrapped = keys.WrappedKey(kek_id=webhook.secret_kek_id, blob=bytes(webhook.secret_wrapped))
+    provider = key_provider_call(provider_for, webhook.secret_kek_id)
+    raw = key_provider_call(provider.unwrap, wrapped, secret_context(webhook.pk))
+    return SECRET_PREFIX + raw.hex()
 
 
 # --- SSRF -------------------------------------------------------------------------------------
@@ -166,7 +194,9 @@ def webhook_create(
     """Register a receiver for `events` of `namespace` (admins; audited).
 
     Returns the webhook and its signing secret, which the caller shows once: it is never
-    returned again. The URL must pass the SSRF check now and again at every delivery.
+    returned again (the returned instance carries it as `secret`, for that one response). The
+    secret's bytes are a fresh data key of the key provider; only their wrapped form is
+    stored. The URL must pass the SSRF check now and again at every delivery.
     """
     unknown = sorted(set(events) - set(WebhookEvent.values))
     if not events or unknown:
@@ -174,21 +204,23 @@ def webhook_create(
             f"events must name at least one of {WebhookEvent.values}.", field="events"
         )
     webhook_url_check(url)
-    secret = f"whsec_{secrets.token_hex(32)}"
+    webhook = Webhook(namespace=namespace, url=url, events=sorted(set(events)), created_by=creator)
+    # Outside the transaction: with KMS this is a network call.
+    raw, wrapped = key_provider_call(
+        get_key_provider().generate_data_key, secret_context(webhook.pk)
+    )
+    secret = SECRET_PREFIX + raw.hex()
+    webhook.secret_wrapped = wrapped.blob
+    webhook.secret_kek_id = wrapped.kek_id
     with transaction.atomic():
-        webhook = Webhook.objects.create(
-            namespace=namespace,
-            url=url,
-            secret=secret,
-            events=sorted(set(events)),
-            created_by=creator,
-        )
+        webhook.save(force_insert=True)
         audit_record(
             action=AuditAction.WEBHOOK_CREATE,
             namespace=namespace.name,
             target=audit_target(namespace.name, f"webhooks/{webhook.pk}"),
-            details={"url": url[:500], "events": webhook.events},
+            details={"url": url[:500], "events": webhook.events, "kek_id": wrapped.kek_id},
         )
+    webhook.secret = secret
     return webhook, secret
 
 
@@ -215,6 +247,42 @@ def webhook_delete(*, namespace: Namespace, webhook_id: uuid.UUID) -> None:
             target=audit_target(namespace.name, f"webhooks/{webhook_id}"),
             details={"url": url[:500]},
         )
+
+
+def webhook_secret_rewrap(*, webhook: Webhook, target: keys.KeyProvider) -> bool:
+    """Re-wrap a webhook's secret under `target`'s primary KEK (audited); the secret itself
+    does not change. Idempotent, and safe to run twice at once: the UPDATE is conditional on
+    the old kek_id, as for artifacts (`artifact_rewrap`)."""
+    to_kek = target.primary_kek_id()
+    if webhook.secret_kek_id == to_kek:
+        return False
+    old = keys.WrappedKey(kek_id=webhook.secret_kek_id, blob=bytes(webhook.secret_wrapped))
+    context = secret_context(webhook.pk)
+    source = key_provider_call(provider_for, webhook.secret_kek_id)
+    if source.scheme == target.scheme:
+        new = key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
+    else:
+        new = key_provider_call(keys.rewrap_between, old, context, source, target)
+    with transaction.atomic():
+        updated = Webhook.objects.filter(pk=webhook.pk, secret_kek_id=webhook.secret_kek_id).update(
+            secret_wrapped=new.blob, secret_kek_id=new.kek_id
+        )
+        if updated:
+            audit_record(
+                action=AuditAction.KEY_REWRAP,
+                namespace=webhook.namespace.name,
+                target=audit_target(webhook.namespace.name, f"webhooks/{webhook.pk}"),
+                details={"from_kek_id": webhook.secret_kek_id, "to_kek_id": new.kek_id},
+            )
+    return updated == 1
+
+
+def webhook_secrets_rewrap_all(*, target: keys.KeyProvider) -> tuple[int, int]:
+    """Re-wrap every webhook secret not yet under `target`'s primary KEK: (moved, total)."""
+    qs = Webhook.objects.exclude(secret_kek_id=target.primary_kek_id()).select_related("namespace")
+    total = qs.count()
+    moved = sum(webhook_secret_rewrap(webhook=w, target=target) for w in qs.iterator())
+    return moved, total
 
 
 def webhook_deliveries(*, webhook: Webhook) -> QuerySet[WebhookDelivery]:
@@ -416,6 +484,18 @@ def _post(target: Target, headers: dict[str, str], body: bytes) -> int:
         return int(response.status)
 
 
+def _signed_headers(row: WebhookDelivery, secret: str, body: bytes) -> dict[str, str]:
+    timestamp = int(time.time())
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-SMR-Event": row.event,
+        "X-SMR-Delivery": str(row.delivery_id),
+        "X-SMR-Timestamp": str(timestamp),
+        "X-SMR-Signature": webhook_signature(secret=secret, timestamp=timestamp, body=body),
+    }
+
+
 def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
     """Make one pending delivery attempt; returns the id of the next attempt if one is due.
 
@@ -442,15 +522,6 @@ def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
         return None  # its webhook was deleted in between
     webhook = row.webhook
     body = _body(row)
-    timestamp = int(time.time())
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-        "X-SMR-Event": row.event,
-        "X-SMR-Delivery": str(row.delivery_id),
-        "X-SMR-Timestamp": str(timestamp),
-        "X-SMR-Signature": webhook_signature(secret=webhook.secret, timestamp=timestamp, body=body),
-    }
     status: int | None = None
     error = ""
     retryable = True
@@ -461,11 +532,27 @@ def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
         try:
             # Checked again now: DNS may have changed since creation, or the setting.
             target = webhook_url_check(webhook.url)
+            headers = _signed_headers(row, webhook_secret(webhook=webhook), body)
             status = _post(target, headers, body)
             if not 200 <= status < 300:
                 error = f"The receiver answered HTTP {status}."
         except WebhookUrlNotAllowed as exc:
             error, retryable = exc.message, False
+        except IntegrityFailure:
+            # The history says what to do; which KEK and why is for the operator's log.
+            logger.error(
+                "webhook %s: its signing secret did not unwrap under %s",
+                webhook.pk,
+                webhook.secret_kek_id,
+            )
+            error, retryable = (
+                "The webhook's signing secret could not be decrypted; the incident was logged. "
+                "Delete the webhook and register it again.",
+                False,
+            )
+        except (KeyServiceUnavailable, keys.KeyProviderError) as exc:
+            logger.warning("webhook %s: could not unwrap its signing secret: %s", webhook.pk, exc)
+            error = "The key service is unavailable, so the delivery could not be signed."
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"Could not deliver: {type(exc).__name__}: {exc}"
     duration_ms = int((time.monotonic() - started) * 1000)

@@ -7,7 +7,7 @@ import pytest
 
 from registry.models import AuditEvent, WebhookDelivery
 from registry.services import webhooks
-from tests.registry.services.test_webhooks import deliver_pending, verifies
+from tests.registry.services.test_webhooks import deliver_pending, verifies, webhook_row_bytes
 from tests.support.receiver import receiver
 
 HOOKS = "/api/v1/namespaces/acme/webhooks"
@@ -30,6 +30,8 @@ def test_admin_creates_lists_and_deletes_with_secret_shown_once(actors, settings
     assert body["secret"].encode() not in root.get(HOOKS).content
     assert AuditEvent.objects.filter(action="webhook.create", namespace="acme").exists()
     assert body["secret"] not in str(AuditEvent.objects.get(action="webhook.create").details)
+    # Shown once, and not kept: the database holds only its wrapped form.
+    assert body["secret"].encode() not in webhook_row_bytes(body["id"])
 
     assert root.delete(f"{HOOKS}/{body['id']}").status_code == 204
     assert root.get(HOOKS).json()["results"] == []

@@ -7,12 +7,14 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from registry import keyconfig
 from registry.crypto.keys import KeyProvider
 from registry.services.artifacts import artifacts_rewrap_all
+from registry.services.webhooks import webhook_secrets_rewrap_all
 
 
 class Command(BaseCommand):
     help = (
-        "Re-wrap every artifact data key under a new key-encryption key. Only wrapped keys in "
-        "the database change; stored objects are not read or rewritten."
+        "Re-wrap every artifact data key and webhook signing secret under a new "
+        "key-encryption key. Only wrapped keys in the database change; stored objects are not "
+        "read or rewritten, and webhook secrets keep their value."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -51,3 +53,7 @@ class Command(BaseCommand):
 
         moved, total = artifacts_rewrap_all(target=target, progress=progress)
         self.stdout.write(self.style.SUCCESS(f"re-wrapped {moved} of {total} data keys under {to}"))
+        moved, total = webhook_secrets_rewrap_all(target=target)
+        self.stdout.write(
+            self.style.SUCCESS(f"re-wrapped {moved} of {total} webhook secrets under {to}")
+        )

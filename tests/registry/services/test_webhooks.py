@@ -5,20 +5,23 @@ lifecycle, retries with history, and the SSRF refusals. Deliveries run in-proces
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import uuid
 from datetime import timedelta
 
+import boto3
 import pytest
 import redis
+from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
 from registry.errors import WebhookUrlNotAllowed
-from registry.models import AuditEvent, WebhookDelivery, WebhookEvent
+from registry.models import AuditEvent, Webhook, WebhookDelivery, WebhookEvent
 from registry.services import approvals, catalog, scanning, webhooks
-from tests.conftest import free_port
+from tests.conftest import REGION, free_port, use_kms
 from tests.registry.services.test_approvals import pending
 from tests.registry.services.test_scanning import MALICIOUS_PICKLE, put
 from tests.support.receiver import Received, receiver
@@ -521,3 +524,130 @@ def test_a_duplicate_message_never_posts_while_the_first_is_in_flight(actors, dr
     assert len(rx.requests) == 1 and verifies(rx.requests[0], secret)
     row.refresh_from_db()
     assert row.state == "succeeded" and row.response_status == 200
+
+
+# --- The signing secret at rest --------------------------------------------------------------
+
+
+def webhook_row_bytes(webhook_id) -> bytes:
+    """Every column of the webhook's row as PostgreSQL returns it, as one byte string."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM registry_webhook WHERE id = %s", [webhook_id])
+        row = cursor.fetchone()
+    return b"|".join(bytes(v) if isinstance(v, memoryview) else str(v).encode() for v in row)
+
+
+def submit_and_deliver(actors, draft) -> None:
+    put(draft, "config.json", b"{}", actors.users["alice"])
+    catalog.version_submit(version=draft, submitter=actors.users["alice"])
+    deliver_pending()
+
+
+def test_the_database_holds_only_the_wrapped_secret_and_deliveries_still_verify(
+    actors, draft, allow_private, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    with receiver() as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        submit_and_deliver(actors, draft)
+    raw = bytes.fromhex(secret.removeprefix("whsec_"))
+    stored = webhook_row_bytes(hook.pk)
+    for form in (secret.encode(), secret.removeprefix("whsec_").encode(), raw):
+        assert form not in stored
+    with connection.cursor() as cursor:
+        columns = [
+            c.name
+            for c in connection.introspection.get_table_description(cursor, "registry_webhook")
+        ]
+    assert "secret" not in columns
+    hook.refresh_from_db()
+    assert hook.secret_kek_id == "local:k1" and len(bytes(hook.secret_wrapped)) > 32
+    # Deliveries are signed with the secret shown at creation, unwrapped for each attempt.
+    assert len(rx.requests) == 1 and verifies(rx.requests[0], secret)
+    # Control: what a copy of the database holds does not sign like the secret.
+    for guess in (bytes(hook.secret_wrapped).hex(), "whsec_" + bytes(hook.secret_wrapped).hex()):
+        assert not verifies(rx.requests[0], guess)
+    assert secret not in str(list(AuditEvent.objects.values_list("details", flat=True)))
+    assert secret not in caplog.text and secret[6:] not in caplog.text
+
+
+def test_a_wrapped_secret_copied_onto_another_webhook_does_not_sign(actors, draft, allow_private):
+    """Someone who can write the database moves acme's wrapped secret onto mallory's webhook,
+    hoping evil's deliveries get signed with acme's secret. The wrap is bound to the webhook id:
+    the copy does not unwrap, nothing is sent, and the attempt fails for good."""
+    with receiver() as acme_rx, receiver() as evil_rx:
+        acme_hook, acme_secret = webhooks.webhook_create(
+            namespace=actors.acme, url=acme_rx.url, events=["version.submitted"], creator=None
+        )
+        evil_hook, _ = webhooks.webhook_create(
+            namespace=actors.evil, url=evil_rx.url, events=["version.submitted"], creator=None
+        )
+        Webhook.objects.filter(pk=evil_hook.pk).update(
+            secret_wrapped=acme_hook.secret_wrapped, secret_kek_id=acme_hook.secret_kek_id
+        )
+        for hook in (evil_hook, acme_hook):
+            WebhookDelivery.objects.create(
+                webhook=hook, event="version.submitted", next_attempt_at=timezone.now()
+            )
+        deliver_pending()
+    assert evil_rx.requests == []
+    failed = WebhookDelivery.objects.get(webhook=evil_hook)
+    assert failed.state == "failed" and "could not be decrypted" in failed.error
+    assert WebhookDelivery.objects.filter(webhook=evil_hook).count() == 1  # not retried
+    # Control: the untouched webhook still delivers, signed with its own secret.
+    assert len(acme_rx.requests) == 1 and verifies(acme_rx.requests[0], acme_secret)
+
+
+def test_a_lost_kek_fails_the_attempt_without_sending(actors, draft, settings, allow_private):
+    from registry import keyconfig
+
+    with receiver() as rx:
+        hook, _ = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        # The keyring was replaced by a new one (the old keys were lost).
+        settings.SMR_KEYRING_FILE = settings.SMR_KEYRING_FILE.parent / "other" / "keyring.json"
+        keyconfig.reset()
+        submit_and_deliver(actors, draft)
+    assert rx.requests == []
+    attempt = WebhookDelivery.objects.get(webhook=hook)
+    assert attempt.state == "failed" and "register it again" in attempt.error
+    assert "local:k1" not in attempt.error  # which key, and why, is for the operator's log
+
+
+def test_secrets_under_kms_and_rewrapped_to_a_new_local_key(
+    actors, draft, settings, allow_private, moto_endpoint, kms_key_id
+):
+    from registry import keyconfig
+
+    with receiver() as rx:
+        _, local_secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        use_kms(settings, moto_endpoint, kms_key_id)
+        kms_hook, kms_secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url + "/kms", events=["version.submitted"], creator=None
+        )
+        assert kms_hook.secret_kek_id == f"aws-kms:{kms_key_id}"
+        assert kms_secret.encode() not in webhook_row_bytes(kms_hook.pk)
+
+        call_command("rewrap_keys", "--new-local-key", stdout=open("/dev/null", "w"))  # noqa: SIM115
+        assert set(Webhook.objects.values_list("secret_kek_id", flat=True)) == {"local:k2"}
+        assert AuditEvent.objects.filter(action="key.rewrap", namespace="acme").count() == 2
+        # Nothing depends on the old keys any more: drop k1 from the keyring, disable the KMS key.
+        ring = json.loads(settings.SMR_KEYRING_FILE.read_text())
+        del ring["keys"]["k1"]
+        settings.SMR_KEYRING_FILE.write_text(json.dumps(ring))
+        keyconfig.reset()
+        boto3.client("kms", endpoint_url=moto_endpoint, region_name=REGION).disable_key(
+            KeyId=kms_key_id.rsplit("/", 1)[1]
+        )
+        submit_and_deliver(actors, draft)
+    by_path = {r.path: r for r in rx.requests}
+    assert sorted(by_path) == ["/hooks/smr", "/hooks/smr/kms"]
+    # The secrets did not change: receivers keep verifying with what they were shown.
+    assert verifies(by_path["/hooks/smr"], local_secret)
+    assert verifies(by_path["/hooks/smr/kms"], kms_secret)
+    assert {d.state for d in WebhookDelivery.objects.all()} == {"succeeded"}
