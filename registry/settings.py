@@ -293,6 +293,16 @@ SMR_WEBHOOK_TIMEOUT = env_int("SMR_WEBHOOK_TIMEOUT", 10)
 SMR_WEBHOOK_BACKOFF = env_int("SMR_WEBHOOK_BACKOFF", 30)
 SMR_WEBHOOK_MAX_ATTEMPTS = env_int("SMR_WEBHOOK_MAX_ATTEMPTS", 5)
 SMR_WEBHOOK_ALLOW_PRIVATE = env_bool("SMR_WEBHOOK_ALLOW_PRIVATE", False)
+# https receivers must present a certificate valid for the URL's host from a CA in the system
+# trust store or, when set, in this PEM file instead (a private CA; add the public CAs to the
+# file too if public receivers must keep working).
+SMR_WEBHOOK_CA_BUNDLE = env("SMR_WEBHOOK_CA_BUNDLE", "")
+if SMR_WEBHOOK_CA_BUNDLE and not Path(SMR_WEBHOOK_CA_BUNDLE).is_file():
+    raise ImproperlyConfigured(
+        f"SMR_WEBHOOK_CA_BUNDLE={SMR_WEBHOOK_CA_BUNDLE} is not a file; mount the PEM bundle of "
+        "the CAs that issue webhook receivers' certificates there, or unset it to use the "
+        "system trust store."
+    )
 # The delivery outbox, as for jobs: webhooks_dispatch runs every SMR_WEBHOOK_DISPATCH_INTERVAL
 # seconds and sends an attempt whose enqueue failed (the broker was down at commit) once it has
 # been due SMR_WEBHOOK_UNSENT_AFTER seconds, one sent but still untaken

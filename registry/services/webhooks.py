@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -458,6 +459,8 @@ def _post(target: Target, headers: dict[str, str], body: bytes) -> int:
             server_hostname=target.host,
             assert_hostname=target.host,
             cert_reqs="CERT_REQUIRED",
+            # None: the system trust store.
+            ca_certs=settings.SMR_WEBHOOK_CA_BUNDLE or None,
         )
     else:
         pool = urllib3.HTTPConnectionPool(
@@ -482,6 +485,17 @@ def _post(target: Target, headers: dict[str, str], body: bytes) -> int:
         finally:
             response.release_conn()
         return int(response.status)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's words for why a certificate failed ("self-signed certificate", "Hostname
+    mismatch, ..."), found in the chain of causes urllib3 wraps it in."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) and seen.verify_message:
+            return str(seen.verify_message)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _signed_headers(row: WebhookDelivery, secret: str, body: bytes) -> dict[str, str]:
@@ -553,6 +567,13 @@ def webhook_deliver(*, attempt_id: uuid.UUID) -> uuid.UUID | None:
         except (KeyServiceUnavailable, keys.KeyProviderError) as exc:
             logger.warning("webhook %s: could not unwrap its signing secret: %s", webhook.pk, exc)
             error = "The key service is unavailable, so the delivery could not be signed."
+        except urllib3.exceptions.SSLError as exc:
+            # Retried: the receiver may fix its certificate; nothing was sent to it meanwhile.
+            error = (
+                f"The receiver's TLS certificate was refused ({_tls_reason(exc)}); it must be "
+                f"valid for {target.host!r} and issued by a CA the registry trusts (the system "
+                "store, or SMR_WEBHOOK_CA_BUNDLE). Nothing was sent."
+            )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"Could not deliver: {type(exc).__name__}: {exc}"
     duration_ms = int((time.monotonic() - started) * 1000)

@@ -1,8 +1,12 @@
 """A webhook receiver on loopback: a tiny threaded http.server that records every request and
-answers with a scripted sequence of statuses (the last one repeats)."""
+answers with a scripted sequence of statuses (the last one repeats). With `tls` it speaks
+only HTTPS, and records the handshakes that failed."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +22,17 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, statuses: list[int], hold: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        statuses: list[int],
+        hold: threading.Event | None = None,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        bind: str = "127.0.0.1",
+    ) -> None:
         self.statuses = list(statuses) or [200]
         self.requests: list[Received] = []
+        self.tls_errors: list[str] = []
         self.lock = threading.Lock()
         # Set when a request has arrived; with `hold`, each answer waits (10 s at most) for it.
         self.arrived = threading.Event()
@@ -48,15 +60,34 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/smr"
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                # A client that refuses our certificate ends the handshake: record, not print.
+                receiver.tls_errors.append(repr(sys.exc_info()[1]))
+
+        self.server = Server((bind, 0), Handler)
+        if tls is not None:
+            # The handshake runs in the request's thread, on its first read.
+            self.server.socket = tls.wrap_socket(
+                self.server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://{host}:{self.server.server_address[1]}/hooks/smr"
 
 
 @contextmanager
 def receiver(
-    statuses: list[int] | None = None, hold: threading.Event | None = None
+    statuses: list[int] | None = None,
+    hold: threading.Event | None = None,
+    tls: ssl.SSLContext | None = None,
+    host: str = "127.0.0.1",
+    bind: str = "127.0.0.1",
 ) -> Iterator[Receiver]:
-    r = Receiver(statuses or [200], hold)
+    """`host` is the name the URL uses; `bind` the address the server listens on."""
+    r = Receiver(statuses or [200], hold, tls, host, bind)
     thread = threading.Thread(target=r.server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -24,7 +24,8 @@ from registry.services import approvals, catalog, scanning, webhooks
 from tests.conftest import REGION, free_port, use_kms
 from tests.registry.services.test_approvals import pending
 from tests.registry.services.test_scanning import MALICIOUS_PICKLE, put
-from tests.support.receiver import Received, receiver
+from tests.support.receiver import Received, Receiver, receiver
+from tests.support.tls import CertificateAuthority, server_context
 
 ALL_EVENTS = list(WebhookEvent.values)
 
@@ -651,3 +652,71 @@ def test_secrets_under_kms_and_rewrapped_to_a_new_local_key(
     assert verifies(by_path["/hooks/smr"], local_secret)
     assert verifies(by_path["/hooks/smr/kms"], kms_secret)
     assert {d.state for d in WebhookDelivery.objects.all()} == {"succeeded"}
+
+
+# --- https receivers --------------------------------------------------------------------------
+
+
+def localhost_address() -> str:
+    """Where this host's resolver sends `localhost` first: the delivery connects there."""
+    return str(socket.getaddrinfo("localhost", 443, type=socket.SOCK_STREAM)[0][4][0])
+
+
+@pytest.fixture
+def ca(settings, tmp_path) -> CertificateAuthority:
+    """A private CA, trusted for webhook deliveries through SMR_WEBHOOK_CA_BUNDLE."""
+    authority = CertificateAuthority(tmp_path / "tls")
+    settings.SMR_WEBHOOK_CA_BUNDLE = str(authority.bundle)
+    return authority
+
+
+def deliver_over_tls(actors, draft, tls) -> tuple[Receiver, str, WebhookDelivery]:
+    with receiver(tls=tls, host="localhost", bind=localhost_address()) as rx:
+        hook, secret = webhooks.webhook_create(
+            namespace=actors.acme, url=rx.url, events=["version.submitted"], creator=None
+        )
+        put(draft, "config.json", b"{}", actors.users["alice"])
+        catalog.version_submit(version=draft, submitter=actors.users["alice"])
+        first = WebhookDelivery.objects.get(webhook=hook)
+        webhooks.webhook_deliver(attempt_id=first.pk)
+    first.refresh_from_db()
+    return rx, secret, first
+
+
+def test_https_receiver_with_a_trusted_certificate_gets_a_signed_delivery(
+    actors, draft, allow_private, ca
+):
+    rx, secret, attempt = deliver_over_tls(actors, draft, ca.issue("localhost"))
+    assert rx.url.startswith("https://localhost:")
+    assert attempt.state == "succeeded" and attempt.response_status == 200, attempt.error
+    assert len(rx.requests) == 1 and verifies(rx.requests[0], secret)
+    assert rx.requests[0].headers["Host"] == rx.url.split("/")[2]
+    assert rx.tls_errors == []
+
+
+@pytest.mark.parametrize("trust", ["private CA bundle", "system trust store"])
+def test_https_receiver_with_an_untrusted_certificate_gets_nothing(
+    actors, draft, allow_private, ca, settings, tmp_path, trust
+):
+    """A receiver (or someone in the path) presents a self-signed certificate for the right
+    name: the handshake is refused, nothing is sent, the attempt fails and says why."""
+    if trust == "system trust store":
+        settings.SMR_WEBHOOK_CA_BUNDLE = ""
+    forged = server_context(tmp_path / "forged", ("localhost",))
+    rx, _, attempt = deliver_over_tls(actors, draft, forged)
+    assert rx.requests == []
+    assert rx.tls_errors  # the handshake began, and the client broke it off
+    assert attempt.state == "failed" and attempt.response_status is None
+    assert "TLS certificate was refused (self-signed certificate)" in attempt.error
+    assert "SMR_WEBHOOK_CA_BUNDLE" in attempt.error
+    # Retried: the receiver may fix its certificate.
+    assert WebhookDelivery.objects.filter(delivery_id=attempt.delivery_id, attempt=2).exists()
+
+
+def test_https_certificate_for_another_name_gets_nothing(actors, draft, allow_private, ca):
+    """A certificate from the trusted CA, but for another host (and the loopback address the
+    connection really goes to) is refused: the name in the URL is what is checked."""
+    rx, _, attempt = deliver_over_tls(actors, draft, ca.issue("other.example", "127.0.0.1"))
+    assert rx.requests == []
+    assert attempt.state == "failed"
+    assert "TLS certificate was refused" in attempt.error and "localhost" in attempt.error
