@@ -107,7 +107,8 @@ class ListView(GenericAPIView):
         self.pagination_class = cursor_by(chosen)
 
     def page(self, request: Request, qs: QuerySet, out: type[serializers.Serializer]) -> Response:
-        page = self.paginate_queryset(qs)
+        rows = getattr(out, "rows", None)  # a serializer that writes pages from rows
+        page = self.paginate_queryset(rows(qs) if rows else qs)
         return self.get_paginated_response(out(page, many=True).data)
 
 

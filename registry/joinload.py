@@ -106,15 +106,29 @@ class JoinQuery:
         self.build = build
         self._built: dict[str, tuple[str, Hydrator]] = {}
 
-    def first(self, params: Sequence[Any]) -> tuple[list[Model | None], tuple[Any, ...]] | None:
+    def first(self, params: Sequence[Any]) -> Row | None:
         """The instances of the first row and the row's extra columns, or None."""
+        rows = self._run(params, one=True)
+        return rows[0] if rows else None
+
+    def all(self, params: Sequence[Any]) -> list[Row]:
+        """Every row: its instances and its extra columns."""
+        return self._run(params, one=False)
+
+    def _run(self, params: Sequence[Any], *, one: bool) -> list[Row]:
         built = self._built.get(connection.vendor)
         if built is None:
             built = self._built[connection.vendor] = self.build()
         sql, hydrator = built
         with connection.cursor() as cursor:
             cursor.execute(sql, list(params))
-            row = cursor.fetchone()
-        if row is None:
-            return None
-        return hydrator.instances(row), tuple(row[hydrator.width :])
+            if one:
+                first = cursor.fetchone()
+                rows = [first] if first is not None else []
+            else:
+                rows = cursor.fetchall()
+        return [(hydrator.instances(row), tuple(row[hydrator.width :])) for row in rows]
+
+
+# One result row: an instance (or None) per part, then the columns after the parts'.
+Row = tuple[list[Model | None], tuple[Any, ...]]

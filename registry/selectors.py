@@ -15,9 +15,7 @@ from django.contrib.auth.models import User
 from django.db.models import (
     Exists,
     OuterRef,
-    Prefetch,
     QuerySet,
-    prefetch_related_objects,
 )
 from django.db.models.fields.json import KT
 
@@ -134,7 +132,22 @@ def _version_query(*, by_alias: bool) -> tuple[str, joinload.Hydrator]:
     return " ".join(clauses), joinload.Hydrator(parts)
 
 
+def _files_query() -> tuple[str, joinload.Hydrator]:
+    """Parameter: the version id."""
+    files = joinload.Part(Artifact, "f")
+    sql = " ".join(
+        [
+            f"SELECT {joinload.select_list([files])}",
+            f"FROM {joinload.table(files)}",
+            f"WHERE {joinload.col(files, 'version_id')} = %s",
+            f"ORDER BY {joinload.col(files, 'path')}",
+        ]
+    )
+    return sql, joinload.Hydrator([files])
+
+
 _MODEL_LOOKUP = joinload.JoinQuery(_model_query)
+_FILES_LOOKUP = joinload.JoinQuery(_files_query)
 _VERSION_LOOKUP = joinload.JoinQuery(lambda: _version_query(by_alias=False))
 _VERSION_BY_ALIAS = joinload.JoinQuery(lambda: _version_query(by_alias=True))
 
@@ -295,6 +308,19 @@ def alias_list_for_user(
         principal=principal, namespace=namespace, name=model, action=Action.READ
     )
     return ModelAlias.objects.filter(model=obj).select_related("version", "updated_by")
+
+
+def alias_names_by_version(*, version_ids: list[int]) -> dict[int, list[str]]:
+    """Alias names pointing at each of `version_ids` (versions the caller already read through
+    a selector; no permission check)."""
+    out: dict[int, list[str]] = {}
+    if version_ids:
+        names = ModelAlias.objects.filter(version_id__in=version_ids).values_list(
+            "version_id", "name"
+        )
+        for version_id, name in names:
+            out.setdefault(version_id, []).append(name)
+    return out
 
 
 def _version_target(namespace: str, model: str, ref: VersionRef, path: str | None = None) -> str:
@@ -481,19 +507,34 @@ def version_detail_for_user(
 
 
 def version_related_load(*, version: ModelVersion) -> ModelVersion:
-    """Load the files, reviews and aliases of a version already read through a selector (or
-    just changed by a service), for its detail view: at most one query each.
+    """Load what a version's detail view shows, for a version already read through a
+    selector (or just changed by a service): `loaded_files` (by path), `loaded_reviews`
+    (oldest first, with their reviewers) and `loaded_aliases` (names, sorted).
 
     A draft is not asked for reviews or aliases: versions leave the draft state on submission
     and never return to it, and reviews and aliases (like scans) come after submission.
     """
-    lookups: list[str | Prefetch] = ["artifacts"]
-    if version.state == VersionState.DRAFT:
-        lookups.append(Prefetch("reviews", queryset=Review.objects.none()))
-        lookups.append(Prefetch("aliases", queryset=ModelAlias.objects.none()))
-    else:
-        lookups += ["reviews__reviewer", "aliases"]
-    prefetch_related_objects([version], *lookups)
+    found = _FILES_LOOKUP.all([version.pk])
+    version.loaded_files = [instances[0] for instances, _ in found]  # type: ignore[attr-defined]
+    draft = version.state == VersionState.DRAFT
+    version.loaded_reviews = (  # type: ignore[attr-defined]
+        []
+        if draft
+        else list(
+            Review.objects.filter(version=version)
+            .select_related("reviewer")
+            .order_by("created_at", "pk")
+        )
+    )
+    version.loaded_aliases = (  # type: ignore[attr-defined]
+        []
+        if draft
+        else list(
+            ModelAlias.objects.filter(version=version)
+            .order_by("name")
+            .values_list("name", flat=True)
+        )
+    )
     return version
 
 

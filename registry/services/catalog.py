@@ -341,10 +341,15 @@ def version_create(*, model: RegisteredModel, description: str = "", creator: Us
     with transaction.atomic():
         # Locking the model row serialises concurrent creators (no duplicate, no gap) and
         # orders this against model_delete.
-        locked = RegisteredModel.objects.select_for_update().filter(pk=model.pk).first()
-        if locked is None:
+        last = (
+            RegisteredModel.objects.select_for_update()
+            .filter(pk=model.pk)
+            .values_list("last_version_number", flat=True)
+            .first()
+        )
+        if last is None:
             raise NotFound(f"Model {model.namespace.name}/{model.name} not found.")
-        number = locked.last_version_number + 1
+        number = last + 1
         version = ModelVersion.objects.create(
             model=model, number=number, description=description, created_by=creator
         )
