@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import User
+from django.contrib.auth.models import AnonymousUser, User
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -96,9 +97,11 @@ class LoginView(HttpRequestView):
 class LogoutView(HttpRequestView):
     @extend_schema(request=None, responses={204: None})
     def post(self, request: Request) -> Response:
-        # The session's user (Django's middleware), not a bearer token's: a token call has no
-        # session to end and records no logout.
-        sessions.session_logout(request=self.http_request, user=self.http_request.user)
+        # Only a session logs out: a bearer-token call has no session to end and records no
+        # logout (DRF copies the token's user onto the HttpRequest, so ask how it logged in).
+        by_session = isinstance(request.successful_authenticator, SessionAuthentication)
+        user = request.user if by_session else AnonymousUser()
+        sessions.session_logout(request=self.http_request, user=user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -144,6 +144,13 @@ def test_session_login_me_and_logout_are_audited(actors, alice_password):
     error(client.get(ME), 401, "not_authenticated")
 
 
+def test_a_token_call_to_logout_ends_nothing_and_records_nothing(actors):
+    before = last_seq()
+    assert bearer(actors.tokens["alice"]).post(LOGOUT).status_code == 204
+    assert actions_after(before) == []
+    assert bearer(actors.tokens["alice"]).get(ME).status_code == 200  # the token still works
+
+
 def test_session_cookies_are_secure_in_production(actors, alice_password, settings):
     settings.SESSION_COOKIE_SECURE = True
     settings.CSRF_COOKIE_SECURE = True
