@@ -368,6 +368,15 @@ def version_get_for_user(
     version.submitted_by = submitter  # type: ignore[assignment]
     principal.roles[ns.pk] = role
     _require(principal, ns, action, target=target)
+    if action == Action.WRITE and not _owner_or_admin(principal, version, role):
+        # A contributor changes their own versions (files, uploads, submit, metadata); the
+        # namespace's admins change any.
+        _denied(principal, ns, action, target, reason="not the version's owner")
+        raise PermissionDenied(
+            "Only the version's creator and the namespace's admins may change it.",
+            role=role,
+            action=str(action),
+        )
     if not isinstance(number, int):
         # Audit records name the version the alias pointed at when it was used.
         target = target.replace(

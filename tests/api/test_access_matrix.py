@@ -174,8 +174,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{M}/versions"): Rule("ns", 200, action="read"),
     ("POST", f"{M}/versions"): Rule("ns", 201, action="write"),
     ("GET", V): Rule("ns", 200, action="read", states=(*STATES, VIA_ALIAS)),
-    # Description and tags are metadata: any state (the files stay frozen).
-    ("PATCH", V): _all(200, "write"),
+    # Description and tags are metadata: any state (the files stay frozen). Writes to a
+    # version are its owner's and the admins' (root's draft: alice may not touch it).
+    ("PATCH", V): Rule("ns", 200, action="write", states=(*STATES, ROOTS_DRAFT)),
     ("POST", f"{V}/deprecate"): _all(200, "manage", ok_states=frozenset({APPROVED}), fresh=True),
     ("GET", f"{V}/files"): Rule("ns", 200, action="read", states=(*STATES, VIA_ALIAS)),
     # Also HEAD, which the schema does not list: it must answer as GET does.
@@ -185,7 +186,9 @@ RULES: dict[tuple[str, str], Rule] = {
         action="download",
         states=(*STATES, DEPRECATED, ROOTS_DRAFT, ROOTS_PENDING, VIA_ALIAS),
     ),
-    ("PUT", f"{V}/files/{{path}}"): _all(201, "write", ok_states=frozenset({DRAFT})),
+    ("PUT", f"{V}/files/{{path}}"): Rule(
+        "ns", 201, action="write", states=(*STATES, ROOTS_DRAFT), ok_states=frozenset({DRAFT})
+    ),
     ("DELETE", f"{V}/files/{{path}}"): _all(204, "write", ok_states=frozenset({DRAFT}), fresh=True),
     ("POST", f"{V}/rescan"): _all(
         202, "manage", ok_states=frozenset({PENDING, QUARANTINED}), fresh=True
@@ -197,7 +200,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ),
     ("GET", f"{V}/scans"): _all(200, "read", owner_only_when_quarantined=True),
     ("POST", f"{V}/submit"): _all(202, "write", ok_states=frozenset({DRAFT}), fresh=True),
-    ("POST", f"{V}/uploads"): _all(201, "write", ok_states=frozenset({DRAFT})),
+    ("POST", f"{V}/uploads"): Rule(
+        "ns", 201, action="write", states=(*STATES, ROOTS_DRAFT), ok_states=frozenset({DRAFT})
+    ),
     # Upload sessions exist only on drafts: a submit freezes the version.
     ("GET", U): Rule("ns", 200, action="write", states=(DRAFT,), fresh=True),
     ("DELETE", U): Rule("ns", 200, action="write", states=(DRAFT,), fresh=True),
@@ -286,7 +291,9 @@ def expected(rule: Rule, caller: Caller, obj: str) -> int:
         return rule.ok if may else 403
     if rule.owner_only_when_quarantined and obj == QUARANTINED and not owner_or_admin:
         return 403
-    if rule.ok_states is not None and obj not in rule.ok_states:
+    if rule.action == "write" and rule.states is not None and not owner_or_admin:
+        return 403  # a version is changed by its owner and the namespace's admins
+    if rule.ok_states is not None and STATE_OF.get(obj, obj) not in rule.ok_states:
         return 409
     return rule.ok
 
