@@ -598,12 +598,13 @@ class WebhookListView(ListView):
         "shown this once.",
     )
     def post(self, request: Request, ns: str) -> Response:
-        webhook, _secret = webhooks.webhook_create(
+        webhook, secret = webhooks.webhook_create(
             namespace=self._namespace(request, ns),
             creator=user_of(request),
             **parse(WebhookIn, request),
         )
-        return Response(WebhookCreatedOut(webhook).data, status=status.HTTP_201_CREATED)
+        body = {**WebhookOut(webhook).data, "secret": secret}
+        return Response(body, status=status.HTTP_201_CREATED)
 
 
 class WebhookDetailView(APIView):

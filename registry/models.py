@@ -614,10 +614,6 @@ class Webhook(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
-    # Not a column: the plaintext secret, set only on the instance webhook_create returns, for
-    # the one response that shows it.
-    secret: str
-
     def __str__(self) -> str:
         return f"webhook {self.id} -> {self.url}"
 

@@ -195,7 +195,7 @@ def webhook_create(
     """Register a receiver for `events` of `namespace` (admins; audited).
 
     Returns the webhook and its signing secret, which the caller shows once: it is never
-    returned again (the returned instance carries it as `secret`, for that one response). The
+    returned again. The
     secret's bytes are a fresh data key of the key provider; only their wrapped form is
     stored. The URL must pass the SSRF check now and again at every delivery.
     """
@@ -221,7 +221,6 @@ def webhook_create(
             target=audit_target(namespace.name, f"webhooks/{webhook.pk}"),
             details={"url": url[:500], "events": webhook.events, "kek_id": wrapped.kek_id},
         )
-    webhook.secret = secret
     return webhook, secret
 
 
