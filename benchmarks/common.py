@@ -323,6 +323,7 @@ class Registry(ChildProcess):
         self.base = ""
         self.token = ""
         self.db = ""
+        self.env: dict[str, str] = {}
 
     def __enter__(self) -> Registry:
         self.tmp = Path(tempfile.mkdtemp(prefix="smr-bench-"))
@@ -420,6 +421,7 @@ class Registry(ChildProcess):
             ],
             env=env,
         )
+        self.env = env  # what the server runs with, for manage.py calls beside it
         port = free_port()
         self.log_path = self.tmp / "gunicorn.log"
         self.proc = start_group(
