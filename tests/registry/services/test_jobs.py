@@ -9,24 +9,21 @@ import json
 from datetime import timedelta
 
 import pytest
-import redis
 from django.db import transaction
 from django.utils import timezone
 
 from registry.models import AuditEvent, Job, JobKind, JobState
 from registry.services import jobs
 from tests.conftest import free_port
+from tests.support.broker import redis_broker
 
 BROKER = "redis://127.0.0.1:6379/12"  # 13: benchmarks, 14: worker tests, 15: test_tasks
 
 
 @pytest.fixture
 def broker(settings):
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
-    settings.CELERY_BROKER_URL = BROKER
-    yield client
-    client.flushdb()
+    with redis_broker(settings, BROKER) as client:
+        yield client
 
 
 @pytest.fixture

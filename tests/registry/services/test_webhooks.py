@@ -13,7 +13,6 @@ from datetime import timedelta
 
 import boto3
 import pytest
-import redis
 from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
@@ -24,6 +23,7 @@ from registry.services import approvals, catalog, scanning, webhooks
 from tests.conftest import REGION, free_port, use_kms
 from tests.registry.services.test_approvals import pending
 from tests.registry.services.test_scanning import MALICIOUS_PICKLE, put
+from tests.support.broker import redis_broker
 from tests.support.receiver import Received, Receiver, receiver
 from tests.support.tls import CertificateAuthority, server_context
 
@@ -359,11 +359,8 @@ BROKER = "redis://127.0.0.1:6379/11"  # the webhooks worker test's db; those tes
 
 @pytest.fixture
 def broker(settings):
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
-    settings.CELERY_BROKER_URL = BROKER
-    yield client
-    client.flushdb()
+    with redis_broker(settings, BROKER) as client:
+        yield client
 
 
 def queued_attempts(client) -> list[str]:
