@@ -429,6 +429,7 @@ class AuditAction(models.TextChoices):
     AUDIT_EXPORT = "audit.export"
     WEBHOOK_CREATE = "webhook.create"
     WEBHOOK_DELETE = "webhook.delete"
+    SIGNING_KEY_CREATE = "signing_key.create"
 
 
 class JobKind(models.TextChoices):
@@ -674,3 +675,52 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} delivery {self.delivery_id} attempt {self.attempt} ({self.state})"
+
+
+class SigningKeyProvider(models.TextChoices):
+    LOCAL = "local"  # the private key in this table, wrapped under the KEK
+    KMS = "kms"  # an asymmetric KMS key; the private key never leaves KMS
+
+
+class SigningKey(models.Model):
+    """A registry signing key (ECDSA P-256) for the OMS bundles of approved versions.
+
+    `key_id` is the hint model_signing puts in a key-based bundle (SHA-256 of the public key's
+    PEM), so a bundle names its key. A `local` key's 32-byte private scalar is wrapped under
+    the key provider's KEK like a data key (bound to the key id); a `kms` key is only named.
+    Exactly one key is current (`retired_at` null); retired keys stay, so their public keys
+    keep verifying the bundles they signed.
+    """
+
+    key_id = models.CharField(max_length=64, primary_key=True)
+    algorithm = models.CharField(max_length=32, default="ecdsa-p256-sha256")
+    public_key_pem = models.TextField()
+    provider = models.CharField(max_length=8, choices=SigningKeyProvider.choices)
+    private_key_wrapped = models.BinaryField(blank=True, default=b"")
+    private_key_kek_id = models.CharField(max_length=512, blank=True, default="")
+    kms_key_id = models.CharField(max_length=2048, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # NULLS NOT DISTINCT: at most one row with retired_at null, i.e. one current key.
+            models.UniqueConstraint(
+                fields=["retired_at"],
+                condition=models.Q(retired_at__isnull=True),
+                nulls_distinct=False,
+                name="signing_key_one_current",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(provider="local", kms_key_id="") & ~models.Q(private_key_kek_id="")
+                )
+                | models.Q(provider="kms", private_key_kek_id="", private_key_wrapped=b"")
+                & ~models.Q(kms_key_id=""),
+                name="signing_key_material",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        state = "current" if self.retired_at is None else "retired"
+        return f"signing key {self.key_id[:16]} ({self.provider}, {state})"
