@@ -434,6 +434,8 @@ class AuditAction(models.TextChoices):
 
 class JobKind(models.TextChoices):
     SCAN = "scan"
+    # KEK rotation: every data key re-wrapped under one KEK (namespace-less, operator-started).
+    REWRAP = "rewrap"
 
 
 class JobState(models.TextChoices):
@@ -463,13 +465,18 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
-    namespace = models.ForeignKey(Namespace, on_delete=models.CASCADE, related_name="jobs")
+    # Null for system-wide work (KEK rotation): only superusers see such a job.
+    namespace = models.ForeignKey(
+        Namespace, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs"
+    )
     version = models.ForeignKey(
         "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # What the job was asked to do, fixed at creation (a rewrap job's target KEK).
+    params = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)
 
     class Meta:

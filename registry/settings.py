@@ -285,6 +285,16 @@ SMR_JOB_MAX_ATTEMPTS = env_int("SMR_JOB_MAX_ATTEMPTS", 5)
 # A job `running` this long lost its worker and its message (past every time limit and the
 # broker's redelivery): jobs_dispatch queues it again.
 SMR_JOB_LOST_AFTER = env_int("SMR_JOB_LOST_AFTER", 4 * 3600)
+# KEK rotation (`rewrap_keys --job`): data keys re-wrapped SMR_REWRAP_BATCH_SIZE at a time, one
+# transaction each. A run past the soft limit fails its job; a new job resumes where it stopped.
+SMR_REWRAP_BATCH_SIZE = env_int("SMR_REWRAP_BATCH_SIZE", 100)
+SMR_REWRAP_SOFT_TIME_LIMIT = env_int("SMR_REWRAP_SOFT_TIME_LIMIT", 3 * 3600)
+SMR_REWRAP_TIME_LIMIT = env_int("SMR_REWRAP_TIME_LIMIT", 3 * 3600 + 300)
+if SMR_REWRAP_TIME_LIMIT >= SMR_JOB_LOST_AFTER:
+    raise ImproperlyConfigured(
+        "SMR_REWRAP_TIME_LIMIT must be below SMR_JOB_LOST_AFTER, or a rewrap job still running "
+        "would be taken for lost and started a second time."
+    )
 # Webhooks: each attempt waits SMR_WEBHOOK_TIMEOUT seconds at most; a failed one is retried
 # after SMR_WEBHOOK_BACKOFF * 2**(attempt-1) seconds, up to SMR_WEBHOOK_MAX_ATTEMPTS attempts.
 # Receivers on loopback/private/link-local/reserved addresses are refused (SSRF) unless

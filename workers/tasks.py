@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import OperationalError
 
 from registry import errors, storage
-from registry.services import audit, janitor, jobs, scanning, webhooks
+from registry.services import audit, janitor, jobs, rotation, scanning, webhooks
 
 # What a retry can fix. Anything else is a bug or bad input: retrying would not help.
 TRANSIENT = (OperationalError, errors.StorageUnavailable, errors.KeyServiceUnavailable)
@@ -66,6 +66,27 @@ def version_scan(self: Task, job_id: str) -> str | None:
     except ValueError:
         return None
     return scanning.version_scan(job_id=job)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=3,
+    soft_time_limit=settings.SMR_REWRAP_SOFT_TIME_LIMIT,
+    time_limit=settings.SMR_REWRAP_TIME_LIMIT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def keys_rewrap(self: Task, job_id: str) -> dict[str, Any] | None:
+    """Re-wrap every data key under the job's KEK; a retry or redelivery resumes, never redoes."""
+    try:
+        job = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return rotation.rewrap_job_run(job_id=job)
 
 
 @shared_task(

@@ -29,13 +29,18 @@ from registry.models import (
     AuditAction,
     ModelVersion,
     Namespace,
+    PendingObject,
     Review,
     ReviewDecision,
+    UploadPart,
+    UploadSession,
+    UploadState,
     VersionState,
     WebhookEvent,
 )
 from registry.services import scanning, webhooks
 from registry.services.aliases import alias_name_validate
+from registry.services.artifacts import SHREDDED_KEK_ID
 from registry.services.audit import audit_record, audit_target
 
 # Gates a namespace policy may require. Each raises a GateNotMet subclass whose code names
@@ -177,7 +182,13 @@ WEBHOOK_EVENTS: dict[str, WebhookEvent] = {
 }
 
 
-def _transition(version: ModelVersion, state: str, action: str, target: str) -> None:
+def _transition(
+    version: ModelVersion,
+    state: str,
+    action: str,
+    target: str,
+    details: dict[str, Any] | None = None,
+) -> None:
     previous = version.state
     version.state = state
     version.save(update_fields=["state", "approved_at"])
@@ -191,7 +202,7 @@ def _transition(version: ModelVersion, state: str, action: str, target: str) -> 
         action=action,
         namespace=version.model.namespace.name,
         target=target,
-        details={"previous_state": previous, "state": state},
+        details={"previous_state": previous, "state": state, **(details or {})},
     )
 
 
@@ -210,16 +221,54 @@ def version_deprecate(*, version: ModelVersion) -> ModelVersion:
 
 
 def version_revoke(*, version: ModelVersion) -> ModelVersion:
-    """Any state -> revoked: from the commit on, its files answer 410 to everyone; audited.
+    """Any state -> revoked, crypto-shredding its files: from the commit on they answer 410 to
+    everyone and no key anywhere can decrypt them; audited.
 
-    A scan still running for it finds the version no longer scanning and changes nothing.
+    In the transaction of the state change, the wrapped data keys of every artifact and upload
+    session of the version are destroyed (the revoke event counts them), open uploads are
+    aborted, and every ciphertext object is handed to the janitor (a PendingObject), which
+    deletes it after the commit. The plaintext DEKs existed only wrapped, so once the rows
+    commit the objects are noise, backups of the store included. A scan still running for it
+    finds the version no longer scanning and changes nothing.
     """
     with transaction.atomic():
         locked = _lock(version)
         if locked.state == VersionState.REVOKED:
             raise VersionAlreadyRevoked(state=locked.state)
-        _transition(locked, VersionState.REVOKED, AuditAction.VERSION_REVOKE, _target(locked))
+        shredded = _shred(locked)
+        _transition(
+            locked, VersionState.REVOKED, AuditAction.VERSION_REVOKE, _target(locked), shredded
+        )
     return locked
+
+
+def _shred(version: ModelVersion) -> dict[str, int]:
+    # The version row is locked, so no artifact is registered behind this. The sessions are
+    # locked before their parts are read: a part being stored either committed first (and is
+    # listed here) or waits, then finds its session aborted and discards its object. A
+    # concurrent re-wrap's UPDATE is conditional on the old kek_id: it cannot bring a key back.
+    artifacts = Artifact.objects.filter(version=version)
+    sessions = UploadSession.objects.filter(version=version)
+    list(sessions.select_for_update().values_list("pk", flat=True))
+    parts = UploadPart.objects.filter(session__version=version)
+    object_keys = [
+        *artifacts.values_list("object_key", flat=True),
+        *parts.values_list("object_key", flat=True),
+    ]
+    PendingObject.objects.bulk_create(
+        [PendingObject(object_key=key, reason="shred") for key in object_keys],
+        ignore_conflicts=True,
+    )
+    # Staged parts have no row left to name them afterwards: only the janitor's record does.
+    parts.delete()
+    aborted = sessions.filter(state=UploadState.OPEN).update(state=UploadState.ABORTED)
+    destroyed = artifacts.exclude(kek_id=SHREDDED_KEK_ID).update(
+        wrapped_dek=b"", kek_id=SHREDDED_KEK_ID
+    )
+    destroyed += sessions.exclude(kek_id=SHREDDED_KEK_ID).update(
+        wrapped_dek=b"", kek_id=SHREDDED_KEK_ID
+    )
+    return {"keys_destroyed": destroyed, "uploads_aborted": aborted, "objects": len(object_keys)}
 
 
 def _lock(version: ModelVersion) -> ModelVersion:

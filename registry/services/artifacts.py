@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.db.models import QuerySet
 
 from registry import storage
 from registry.crypto import keys, stream
@@ -31,6 +32,7 @@ from registry.errors import (
     StorageUnavailable,
     TooLarge,
     VersionNotDraft,
+    VersionRevoked,
 )
 from registry.keyconfig import get_key_provider, provider_for
 from registry.models import (
@@ -240,7 +242,12 @@ def artifact_delete(*, artifact: Artifact) -> None:
 
 
 def artifact_unwrap_dek(artifact: Artifact) -> bytes:
-    """The artifact's plaintext data key (never logged, returned or stored)."""
+    """The artifact's plaintext data key (never logged, returned or stored).
+
+    A shredded artifact (its version was revoked) has no data key any more: VersionRevoked.
+    """
+    if artifact_is_shredded(artifact):
+        raise VersionRevoked()
     wrapped = keys.WrappedKey(kek_id=artifact.kek_id, blob=bytes(artifact.wrapped_dek))
     provider = key_provider_call(provider_for, artifact.kek_id)
     return key_provider_call(provider.unwrap, wrapped, artifact_context(artifact))
@@ -410,48 +417,105 @@ def _audited_plaintext(
         raise StorageUnavailable() from exc
 
 
-def artifact_rewrap(*, artifact: Artifact, target: keys.KeyProvider) -> bool:
-    """Re-wrap one artifact's DEK under `target`'s primary KEK; the object is not touched.
+# What a revoked version's artifacts and upload sessions hold instead of a wrapped data key.
+SHREDDED_KEK_ID = ""
 
-    Idempotent: returns False if it is already there. The conditional UPDATE (on the old
-    kek_id) makes two concurrent runs safe: the loser changes nothing.
-    """
-    to_kek = target.primary_kek_id()
-    if artifact.kek_id == to_kek:
-        return False
+
+def artifact_is_shredded(artifact: Artifact) -> bool:
+    """Whether the artifact's data key was destroyed (crypto-shredding on revoke)."""
+    return artifact.kek_id == SHREDDED_KEK_ID
+
+
+def _rewrapped(artifact: Artifact, target: keys.KeyProvider, to_kek: str) -> keys.WrappedKey:
+    # Key-service calls only (ReEncrypt, or unwrap + wrap across providers): no transaction.
     old = keys.WrappedKey(kek_id=artifact.kek_id, blob=bytes(artifact.wrapped_dek))
     context = artifact_context(artifact)
     source = key_provider_call(provider_for, artifact.kek_id)
     if source.scheme == target.scheme:
-        new = key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
-    else:
-        new = key_provider_call(keys.rewrap_between, old, context, source, target)
-    with transaction.atomic():
-        updated = Artifact.objects.filter(pk=artifact.pk, kek_id=artifact.kek_id).update(
-            wrapped_dek=new.blob, kek_id=new.kek_id
+        return key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
+    return key_provider_call(keys.rewrap_between, old, context, source, target)
+
+
+def _rewrap_store(artifact: Artifact, new: keys.WrappedKey) -> bool:
+    # Conditional on the old kek_id: a concurrent run that got there first, or a revoke that
+    # shredded the key meanwhile, makes this change nothing (never a double wrap, never a
+    # shredded key brought back).
+    updated = Artifact.objects.filter(pk=artifact.pk, kek_id=artifact.kek_id).update(
+        wrapped_dek=new.blob, kek_id=new.kek_id
+    )
+    if updated:
+        audit.audit_record(
+            action=AuditAction.KEY_REWRAP,
+            namespace=artifact.version.model.namespace.name,
+            target=file_target(artifact.version, artifact.path),
+            target_sha256=artifact.sha256,
+            details={"from_kek_id": artifact.kek_id, "to_kek_id": new.kek_id},
         )
-        if updated:
-            audit.audit_record(
-                action=AuditAction.KEY_REWRAP,
-                namespace=artifact.version.model.namespace.name,
-                target=file_target(artifact.version, artifact.path),
-                target_sha256=artifact.sha256,
-                details={"from_kek_id": artifact.kek_id, "to_kek_id": new.kek_id},
-            )
     return updated == 1
 
 
+def artifact_rewrap(*, artifact: Artifact, target: keys.KeyProvider) -> bool:
+    """Re-wrap one artifact's DEK under `target`'s primary KEK; the object is not touched.
+
+    Idempotent: returns False if it is already there (or shredded). The conditional UPDATE
+    (on the old kek_id) makes two concurrent runs safe: the loser changes nothing.
+    """
+    to_kek = target.primary_kek_id()
+    if artifact.kek_id == to_kek or artifact_is_shredded(artifact):
+        return False
+    new = _rewrapped(artifact, target, to_kek)
+    with transaction.atomic():
+        return _rewrap_store(artifact, new)
+
+
+def artifacts_to_rewrap(*, to_kek: str) -> QuerySet[Artifact]:
+    """Artifacts whose DEK is not under `to_kek` yet, in pk order (shredded ones have none)."""
+    return (
+        Artifact.objects.exclude(kek_id=to_kek)
+        .exclude(kek_id=SHREDDED_KEK_ID)
+        .select_related("version__model__namespace")
+        .order_by("pk")
+    )
+
+
+def artifacts_rewrap_batch(
+    *, target: keys.KeyProvider, after: uuid.UUID | None = None, limit: int = 100
+) -> tuple[uuid.UUID | None, int]:
+    """Re-wrap the next `limit` DEKs (pk order, after `after`) not yet under `target`'s primary.
+
+    The key service is called for the whole batch first, then every row changes in one
+    transaction: a run killed midway loses at most this batch, and the next run, which skips
+    what is already under the target, carries on from there. Returns (last pk seen or None
+    when nothing was left, how many moved).
+    """
+    to_kek = target.primary_kek_id()
+    qs = artifacts_to_rewrap(to_kek=to_kek)
+    if after is not None:
+        qs = qs.filter(pk__gt=after)
+    batch = list(qs[:limit])
+    if not batch:
+        return None, 0
+    rewrapped = [(artifact, _rewrapped(artifact, target, to_kek)) for artifact in batch]
+    with transaction.atomic():
+        moved = sum(_rewrap_store(artifact, new) for artifact, new in rewrapped)
+    return batch[-1].pk, moved
+
+
 def artifacts_rewrap_all(
-    *, target: keys.KeyProvider, progress: Callable[[int, int], None] | None = None
+    *,
+    target: keys.KeyProvider,
+    progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 100,
 ) -> tuple[int, int]:
     """Re-wrap every artifact DEK not yet under `target`'s primary KEK. Returns (moved, total)."""
-    to_kek = target.primary_kek_id()
-    qs = Artifact.objects.exclude(kek_id=to_kek).select_related("version__model__namespace")
-    total = qs.count()
+    total = artifacts_to_rewrap(to_kek=target.primary_kek_id()).count()
     moved = 0
-    for artifact in qs.iterator(chunk_size=500):
-        if artifact_rewrap(artifact=artifact, target=target):
-            moved += 1
+    after: uuid.UUID | None = None
+    while True:
+        after, count = artifacts_rewrap_batch(target=target, after=after, limit=batch_size)
+        if after is None:
+            break
+        moved += count
         if progress:
             progress(moved, total)
     return moved, total

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from registry import storage
 from registry.models import Artifact, PendingObject, UploadPart, UploadSession, UploadState
+from registry.services.artifacts import SHREDDED_KEK_ID
 from registry.services.pending import pending_discard
 from registry.services.uploads import upload_session_abort
 
@@ -35,8 +36,10 @@ def objects_cleanup(*, older_than: timedelta) -> tuple[int, int]:
     cleaned = 0
     for pending in PendingObject.objects.filter(due).iterator():
         key = pending.object_key
+        # A revoked version's artifacts keep their rows (the metadata stays) but lost their
+        # keys: their objects are noise, referenced by nothing that can read them.
         referenced = (
-            Artifact.objects.filter(object_key=key).exists()
+            Artifact.objects.filter(object_key=key).exclude(kek_id=SHREDDED_KEK_ID).exists()
             or UploadPart.objects.filter(object_key=key).exists()
         )
         if referenced:

@@ -43,22 +43,27 @@ logger = logging.getLogger(__name__)
 # Names, not imports: services sit below workers/ and never import it.
 JOB_TASKS: dict[str, tuple[str, str]] = {
     JobKind.SCAN: ("workers.tasks.version_scan", "scan"),
+    # Operator-started maintenance: the housekeeping queue.
+    JobKind.REWRAP: ("workers.tasks.keys_rewrap", "celery"),
 }
 
 
 def job_create(
     *,
     kind: JobKind,
-    namespace: Namespace,
+    namespace: Namespace | None,
     version: ModelVersion | None = None,
     created_by: User | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Job:
     """Insert a queued job in the caller's transaction; enqueue it once that commits.
 
     Call inside `transaction.atomic()` together with the change that needs the job: the job
     exists if and only if the change committed.
     """
-    job = Job.objects.create(kind=kind, namespace=namespace, version=version, created_by=created_by)
+    job = Job.objects.create(
+        kind=kind, namespace=namespace, version=version, created_by=created_by, params=params or {}
+    )
     # No event of its own: the change that needs the job (version.submit, version.rescan)
     # is audited by the caller in this transaction and names the job.
     job_id = job.pk
@@ -197,7 +202,8 @@ def job_fail(
     """Mark an active job failed (or cancelled), audited; False if it had already finished."""
     with transaction.atomic():
         job = (
-            Job.objects.select_for_update()
+            # of=self: the namespace is an outer join now (system jobs have none).
+            Job.objects.select_for_update(of=("self",))
             .filter(pk=job_id, state__in=JOB_ACTIVE_STATES)
             .select_related("namespace")
             .first()
@@ -212,7 +218,7 @@ def job_fail(
         audit.audit_record(
             action=AuditAction.JOB_FAIL,
             outcome=AuditOutcome.FAILURE,
-            namespace=job.namespace.name,
+            namespace=job.namespace.name if job.namespace else "",
             target=f"jobs/{job.pk}",
             details={"kind": job.kind, "state": str(state), "code": code, "message": message[:500]},
         )

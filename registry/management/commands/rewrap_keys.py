@@ -6,7 +6,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from registry import keyconfig
 from registry.crypto.keys import KeyProvider
+from registry.services import audit
 from registry.services.artifacts import artifacts_rewrap_all
+from registry.services.rotation import rewrap_job_create
 from registry.services.webhooks import webhook_secrets_rewrap_all
 
 
@@ -14,7 +16,8 @@ class Command(BaseCommand):
     help = (
         "Re-wrap every artifact data key and webhook signing secret under a new "
         "key-encryption key. Only wrapped keys in the database change; stored objects are not "
-        "read or rewritten, and webhook secrets keep their value."
+        "read or rewritten, and webhook secrets keep their value. With --job a worker does it "
+        "in the background (resumable, with progress in the job); the job id is printed."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -30,13 +33,22 @@ class Command(BaseCommand):
         target.add_argument(
             "--to-kms-key", metavar="KEY_ID", help="move to this AWS KMS key (id, ARN or alias)"
         )
+        parser.add_argument(
+            "--job",
+            action="store_true",
+            help="queue a rewrap job for a worker instead of re-wrapping here; prints its id "
+            "(follow it with GET /api/v1/jobs/<id> as a superuser)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
+        audit.context_set_system("manage.py rewrap_keys")
         target: KeyProvider
         if opts["new_local_key"]:
             ring = keyconfig.local_keyring()
             kek = ring.add_key()
-            self.stdout.write(f"new local KEK {kek} is now primary")
+            (self.stderr if opts["job"] else self.stdout).write(
+                f"new local KEK {kek} is now primary"
+            )
             target = ring
         elif opts["to_local"]:
             target = keyconfig.local_keyring()
@@ -46,6 +58,12 @@ class Command(BaseCommand):
             to = target.primary_kek_id()
         except Exception as exc:
             raise CommandError(f"target KEK unavailable: {exc}") from exc
+        if opts["job"]:
+            job = rewrap_job_create(to_kek_id=to)
+            # The id alone on stdout, so that scripts can capture it.
+            self.stderr.write(f"queued rewrap job {job.pk}: every key moves under {to}")
+            self.stdout.write(str(job.pk))
+            return
 
         def progress(done: int, total: int) -> None:
             if done % 1000 == 0 or done == total:
