@@ -711,11 +711,11 @@ class SigningKey(models.Model):
 
     class Meta:
         constraints = [
-            # NULLS NOT DISTINCT: at most one row with retired_at null, i.e. one current key.
+            # A unique index on a constant over the current rows: at most one current key
+            # (NULLS NOT DISTINCT would do on PostgreSQL 15+, but not on embedded SQLite).
             models.UniqueConstraint(
-                fields=["retired_at"],
+                models.Value(True),
                 condition=models.Q(retired_at__isnull=True),
-                nulls_distinct=False,
                 name="signing_key_one_current",
             ),
             models.CheckConstraint(

@@ -28,10 +28,9 @@ class Migration(migrations.Migration):
             options={
                 "constraints": [
                     models.UniqueConstraint(
+                        models.Value(True),
                         condition=models.Q(("retired_at__isnull", True)),
-                        fields=("retired_at",),
                         name="signing_key_one_current",
-                        nulls_distinct=False,
                     ),
                     models.CheckConstraint(
                         condition=models.Q(
