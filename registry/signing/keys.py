@@ -112,16 +112,19 @@ def _public_pem(public: ec.EllipticCurvePublicKey) -> str:
 
 
 def _kms_public_pem(client: Any, kms_key_id: str) -> tuple[str, str]:
-    resp = _kms_call("GetPublicKey", client.get_public_key, KeyId=kms_key_id)
-    if resp.get("KeySpec") != KMS_KEY_SPEC or resp.get("KeyUsage") != "SIGN_VERIFY":
+    """The ARN and public key (PEM) of a KMS key that can sign ECDSA P-256 / SHA-256."""
+    meta = _kms_call("DescribeKey", client.describe_key, KeyId=kms_key_id)["KeyMetadata"]
+    spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec")
+    if spec != KMS_KEY_SPEC or meta.get("KeyUsage") != "SIGN_VERIFY":
         raise keys.KeyProviderError(
-            f"KMS key {kms_key_id} is {resp.get('KeySpec')}/{resp.get('KeyUsage')}; a signing "
-            f"key must be {KMS_KEY_SPEC} with KeyUsage SIGN_VERIFY"
+            f"KMS key {kms_key_id} is {spec}/{meta.get('KeyUsage')}; a signing key must be "
+            f"{KMS_KEY_SPEC} with KeyUsage SIGN_VERIFY"
         )
+    resp = _kms_call("GetPublicKey", client.get_public_key, KeyId=meta["Arn"])
     public = serialization.load_der_public_key(resp["PublicKey"])
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise keys.KeyProviderError(f"KMS key {kms_key_id} is not an elliptic-curve key")
-    return resp["KeyId"], _public_pem(public)
+    return meta["Arn"], _public_pem(public)
 
 
 def _new_kms_key(kms_key_id: str | None) -> SigningKey:
