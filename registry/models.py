@@ -430,12 +430,17 @@ class AuditAction(models.TextChoices):
     WEBHOOK_CREATE = "webhook.create"
     WEBHOOK_DELETE = "webhook.delete"
     SIGNING_KEY_CREATE = "signing_key.create"
+    VERSION_SIGN = "version.sign"
+    # An approved version whose files no longer match its registry signature: not served.
+    SIGNATURE_MISMATCH = "signature.mismatch"
 
 
 class JobKind(models.TextChoices):
     SCAN = "scan"
     # KEK rotation: every data key re-wrapped under one KEK (namespace-less, operator-started).
     REWRAP = "rewrap"
+    # The registry's OMS signature of a version that was just approved.
+    SIGN = "sign"
 
 
 class JobState(models.TextChoices):
@@ -731,3 +736,40 @@ class SigningKey(models.Model):
     def __str__(self) -> str:
         state = "current" if self.retired_at is None else "retired"
         return f"signing key {self.key_id[:16]} ({self.provider}, {state})"
+
+
+class SignatureKind(models.TextChoices):
+    REGISTRY = "registry"  # made by the registry when the version was approved
+    PUBLISHER = "publisher"  # made by the publisher, checked against trusted keys
+
+
+class SignatureResult(models.TextChoices):
+    VALID = "valid"
+    INVALID = "invalid"
+    UNKNOWN_KEY = "unknown_key"
+
+
+class Signature(models.Model):
+    """An OMS bundle (Sigstore bundle v0.3 JSON) over a version's files, as recorded at
+    upload: the registry's own, or one a publisher sent, with the result of its check."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="signatures")
+    kind = models.CharField(max_length=16, choices=SignatureKind.choices)
+    key_id = models.CharField(max_length=128)
+    bundle = models.JSONField()
+    result = models.CharField(max_length=16, choices=SignatureResult.choices)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # One registry signature per version (the sign job may run twice).
+            models.UniqueConstraint(
+                fields=["version"],
+                condition=models.Q(kind="registry"),
+                name="signature_one_registry_per_version",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} signature of version {self.version_id} ({self.result})"
