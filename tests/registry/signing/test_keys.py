@@ -221,3 +221,26 @@ def test_a_large_kms_payload_is_signed_by_digest_or_refused_never_wrong(kms, tmp
     from registry.signing import bundle_verify
 
     bundle_verify(bundle, files, signing_key_current().public_key_pem)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_first_uses_agree_on_one_key():
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from django.db import connection
+
+    barrier = Barrier(4)
+
+    def first_use() -> str:
+        try:
+            barrier.wait(timeout=10)
+            return signing_key_current().key_id
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: first_use(), range(4)))
+    assert len(set(ids)) == 1
+    assert SigningKey.objects.count() == 1
+    assert AuditEvent.objects.filter(action="signing_key.create").count() == 1
