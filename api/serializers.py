@@ -21,6 +21,8 @@ from registry.models import (
     ReviewDecision,
     Role,
     ScanVerdict,
+    SignatureKind,
+    SignatureResult,
     TokenScope,
     VersionState,
     WebhookDeliveryState,
@@ -557,3 +559,28 @@ class WebhookDeliveryOut(serializers.Serializer):
 
 class AliasIn(serializers.Serializer):
     version = StrictIntegerField(min_value=1, max_value=999_999_999)
+
+
+class SigningKeyOut(serializers.Serializer):
+    key_id = serializers.CharField(help_text="The key hint of the bundles it signed.")
+    algorithm = serializers.CharField()
+    public_key_pem = serializers.CharField(help_text="For `model_signing verify key`.")
+    current = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    retired_at = serializers.DateTimeField(allow_null=True)
+
+    def get_current(self, obj) -> bool:
+        return obj.retired_at is None
+
+
+class SignatureOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=SignatureKind.choices)
+    key_id = serializers.CharField()
+    result = serializers.ChoiceField(choices=SignatureResult.choices)
+    reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    bundle = serializers.JSONField(
+        help_text="The Sigstore bundle (v0.3) `model_signing verify` reads; also at "
+        "`.../signatures/{id}.sig`."
+    )

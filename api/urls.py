@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from api import audit, auth, files, views
+from api import audit, auth, files, signing, views
 
 
 class VersionNumber:
@@ -34,6 +34,9 @@ M = "namespaces/<str:ns>/models/<str:model>"
 V = f"{M}/versions/<vnum:number>"
 
 urlpatterns = [
+    path("signing-keys", signing.SigningKeyListView.as_view()),
+    path(f"{V}/signatures", signing.SignatureListView.as_view()),
+    path(f"{V}/signatures/<int:signature_id>.sig", signing.SignatureFileView.as_view()),
     path("namespaces", views.NamespaceListView.as_view()),
     path("namespaces/<str:ns>", views.NamespaceDetailView.as_view()),
     path("namespaces/<str:ns>/policy", views.PolicyView.as_view()),

@@ -224,6 +224,15 @@ class VersionRevoked(RegistryError):
     default_message = "This version was revoked by a namespace admin; its files are gone for good."
 
 
+class SignatureMismatch(RegistryError):
+    code = "signature_mismatch"
+    status = 409
+    default_message = (
+        "This approved version's files no longer match the registry's signature of them; it "
+        "is not served. The event is in the audit log: tell the namespace's admins."
+    )
+
+
 class WebhookUrlNotAllowed(RegistryError):
     code = "webhook_url_not_allowed"
     default_message = (

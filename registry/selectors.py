@@ -36,6 +36,7 @@ from registry.models import (
     Review,
     Role,
     ScanReport,
+    Signature,
     TokenScope,
     UploadSession,
     VersionState,
@@ -545,6 +546,32 @@ def version_related_load(*, version: ModelVersion) -> ModelVersion:
         )
     )
     return version
+
+
+def signature_list_for_user(
+    *, principal: Principal, namespace: str, model: str, number: VersionRef
+) -> QuerySet[Signature]:
+    """The signatures of a version the caller may read (registry and publisher), oldest first."""
+    version = version_get_for_user(
+        principal=principal, namespace=namespace, model=model, number=number, action=Action.READ
+    )
+    return Signature.objects.filter(version=version).order_by("created_at", "pk")
+
+
+def signature_get_for_user(
+    *, principal: Principal, namespace: str, model: str, number: VersionRef, signature_id: int
+) -> Signature:
+    """One signature of a version the caller may read (NotFound if it is another's)."""
+    signature = (
+        signature_list_for_user(
+            principal=principal, namespace=namespace, model=model, number=number
+        )
+        .filter(pk=signature_id)
+        .first()
+    )
+    if signature is None:
+        raise NotFound("No such signature of this version.")
+    return signature
 
 
 def artifact_list_for_user(

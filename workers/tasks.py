@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import OperationalError
 
 from registry import errors, storage
-from registry.services import audit, janitor, jobs, rotation, scanning, webhooks
+from registry.services import audit, janitor, jobs, rotation, scanning, signatures, webhooks
 
 # What a retry can fix. Anything else is a bug or bad input: retrying would not help.
 TRANSIENT = (OperationalError, errors.StorageUnavailable, errors.KeyServiceUnavailable)
@@ -87,6 +87,25 @@ def keys_rewrap(self: Task, job_id: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return rotation.rewrap_job_run(job_id=job)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=3,
+    acks_late=True,
+)
+def version_sign(self: Task, job_id: str) -> str | None:
+    """Sign a just-approved version with the registry's key (its recorded digests only)."""
+    try:
+        job = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    signature = signatures.version_sign(job_id=job)
+    return None if signature is None else str(signature.pk)
 
 
 @shared_task(

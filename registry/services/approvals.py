@@ -38,7 +38,7 @@ from registry.models import (
     VersionState,
     WebhookEvent,
 )
-from registry.services import scanning, webhooks
+from registry.services import scanning, signatures, webhooks
 from registry.services.aliases import alias_name_validate
 from registry.services.artifacts import SHREDDED_KEK_ID
 from registry.services.audit import audit_record, audit_target
@@ -170,6 +170,7 @@ def review_record(
         elif approvals >= namespace.approvals_required:
             locked.approved_at = timezone.now()
             _transition(locked, VersionState.APPROVED, AuditAction.VERSION_APPROVE, target)
+            signatures.signature_schedule(version=locked)
     version.state, version.approved_at = locked.state, locked.approved_at
     return review
 

@@ -44,8 +44,13 @@ from registry.models import (
     VersionState,
 )
 from registry.paths import validate_artifact_path
-from registry.services import audit
-from registry.services.envelope import EncryptedWrite, encrypt_to_store, key_provider_call
+from registry.services import audit, signatures
+from registry.services.envelope import (
+    EncryptedWrite,
+    encrypt_to_store,
+    key_provider_call,
+    wrapped_key_rewrap,
+)
 from registry.services.pending import pending_begin, pending_discard
 
 logger = logging.getLogger(__name__)
@@ -265,6 +270,8 @@ def artifact_open(
     end = artifact.size if end is None else end
     namespace = artifact.version.model.namespace.name
     target = file_target(artifact.version, artifact.path)
+    # An approved version is served only while its registry signature matches its digests.
+    signatures.signature_check(version=artifact.version)
     try:
         dek = artifact_unwrap_dek(artifact)
     except IntegrityFailure:
@@ -427,13 +434,9 @@ def artifact_is_shredded(artifact: Artifact) -> bool:
 
 
 def _rewrapped(artifact: Artifact, target: keys.KeyProvider, to_kek: str) -> keys.WrappedKey:
-    # Key-service calls only (ReEncrypt, or unwrap + wrap across providers): no transaction.
+    # Key-service calls only: no transaction is open here.
     old = keys.WrappedKey(kek_id=artifact.kek_id, blob=bytes(artifact.wrapped_dek))
-    context = artifact_context(artifact)
-    source = key_provider_call(provider_for, artifact.kek_id)
-    if source.scheme == target.scheme:
-        return key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
-    return key_provider_call(keys.rewrap_between, old, context, source, target)
+    return wrapped_key_rewrap(old, artifact_context(artifact), target=target, to_kek=to_kek)
 
 
 def _rewrap_store(artifact: Artifact, new: keys.WrappedKey) -> bool:

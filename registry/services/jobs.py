@@ -45,6 +45,8 @@ JOB_TASKS: dict[str, tuple[str, str]] = {
     JobKind.SCAN: ("workers.tasks.version_scan", "scan"),
     # Operator-started maintenance: the housekeeping queue.
     JobKind.REWRAP: ("workers.tasks.keys_rewrap", "celery"),
+    # Digests only, no artifact bytes: small and quick, beside the housekeeping.
+    JobKind.SIGN: ("workers.tasks.version_sign", "celery"),
 }
 
 

@@ -22,13 +22,14 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from registry.access import Principal
-from registry.models import VersionState
+from registry.models import Job, JobKind, Signature, VersionState
 from registry.services import (
     aliases,
     approvals,
     artifacts,
     catalog,
     scanning,
+    signatures,
     tokens,
     uploads,
     webhooks,
@@ -150,6 +151,7 @@ def _all(ok: int, action: str, **kw: Any) -> Rule:
 
 RULES: dict[tuple[str, str], Rule] = {
     ("GET", f"{API}/audit/checkpoint-key"): Rule("public", 200),
+    ("GET", f"{API}/signing-keys"): Rule("public", 200),
     ("GET", f"{API}/audit/checkpoints"): Rule("verifier", 200),
     ("GET", f"{API}/audit/events"): Rule("audit_log", 200),
     ("GET", f"{API}/audit/events/export"): Rule("audit_log", 200),
@@ -194,6 +196,10 @@ RULES: dict[tuple[str, str], Rule] = {
         202, "manage", ok_states=frozenset({PENDING, QUARANTINED}), fresh=True
     ),
     ("GET", f"{V}/reviews"): _all(200, "read"),
+    ("GET", f"{V}/signatures"): _all(200, "read"),
+    ("GET", f"{V}/signatures/{{signature_id}}.sig"): Rule(
+        "ns", 200, action="read", states=(APPROVED, DEPRECATED, VIA_ALIAS)
+    ),
     ("POST", f"{V}/reviews"): _all(201, "review", ok_states=frozenset({PENDING}), fresh=True),
     ("POST", f"{V}/revoke"): _all(
         200, "manage", ok_states=frozenset(set(STATES) - {REVOKED}), fresh=True
@@ -403,6 +409,8 @@ class World:
             assert scanned == (QUARANTINED if state == QUARANTINED else PENDING), scanned
         if state in (APPROVED, DEPRECATED, REVOKED):
             approvals.review_record(version=version, reviewer=bob, decision="approve")
+            job = Job.objects.get(version=version, kind=JobKind.SIGN)
+            assert signatures.version_sign(job_id=job.pk) is not None
         if state == DEPRECATED:
             approvals.version_deprecate(version=version)
         if state == REVOKED:
@@ -506,6 +514,8 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
         params["token_id"] = tokens.token_create(
             user=world.users[owner], scopes=["read"]
         ).token.key_id
+    if "{signature_id}" in template:
+        params["signature_id"] = Signature.objects.get(version=version).pk
     if "{job_id}" in template:
         params["job_id"] = world.shared(PENDING).scan_job_id
     call.path = template.format(**params)
