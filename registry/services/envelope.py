@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 from registry import storage
 from registry.crypto import keys, stream
 from registry.errors import IntegrityFailure, KeyServiceUnavailable, StorageUnavailable
+from registry.keyconfig import provider_for
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,17 @@ def key_provider_call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
     except keys.KeyUnwrapError as exc:
         logger.error("data key could not be unwrapped: %s", exc)
         raise IntegrityFailure() from exc
+
+
+def wrapped_key_rewrap(
+    old: keys.WrappedKey, context: dict[str, str], *, target: keys.KeyProvider, to_kek: str
+) -> keys.WrappedKey:
+    """`old` re-wrapped under `to_kek` (`target`'s primary): within one provider by its own
+    rewrap (KMS ReEncrypt: the DEK never leaves it), across providers by unwrap + wrap."""
+    source = key_provider_call(provider_for, old.kek_id)
+    if source.scheme == target.scheme:
+        return key_provider_call(source.rewrap, old, context, to_kek_id=to_kek)
+    return key_provider_call(keys.rewrap_between, old, context, source, target)
 
 
 def encrypt_to_store(
