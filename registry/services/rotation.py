@@ -2,9 +2,10 @@
 
 The job names its target KEK when it is created (`rewrap_keys --job`). A worker re-wraps the
 artifacts' data keys in pk order, in batches that each commit on their own
-(`artifacts_rewrap_batch`), then the webhook secrets. Whatever is already under the target is
-skipped and every write is conditional on the old kek_id, so a run killed midway (or a message
-delivered twice) resumes where the last commit left off and never wraps a key twice.
+(`artifacts_rewrap_batch`), then the keys of open upload sessions and the webhook secrets.
+Whatever is already under the target is skipped and every write is conditional on the old
+kek_id, so a run killed midway (or a message delivered twice) resumes where the last commit
+left off and never wraps a key twice.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from registry.models import Artifact, AuditAction, Job, JobKind
 from registry.services import audit, jobs
 from registry.services.artifacts import SHREDDED_KEK_ID, artifacts_rewrap_batch
 from registry.services.envelope import key_provider_call
+from registry.services.uploads import upload_sessions_rewrap_all
 from registry.services.webhooks import webhook_secrets_rewrap_all
 
 logger = logging.getLogger(__name__)
 
 
 def rewrap_job_create(*, to_kek_id: str, created_by: User | None = None) -> Job:
-    """Queue a job that re-wraps every data key and webhook secret under `to_kek_id` (audited).
+    """Queue a job that re-wraps every data key (artifacts, open uploads) and webhook secret
+    under `to_kek_id` (audited).
 
     `to_kek_id` must be the primary KEK of its provider when the job runs (the local keyring's
     primary, or the KMS key itself), or the job fails saying so.
@@ -96,6 +99,7 @@ def rewrap_job_run(*, job_id: uuid.UUID) -> dict[str, Any] | None:
             break
         moved += count
         done += count
+    uploads_moved, _ = upload_sessions_rewrap_all(target=target)
     secrets_moved, _ = webhook_secrets_rewrap_all(target=target)
     done, total = rewrap_progress(to_kek=to_kek)
     result = {
@@ -103,6 +107,7 @@ def rewrap_job_run(*, job_id: uuid.UUID) -> dict[str, Any] | None:
         "data_keys_moved": moved,
         "data_keys_done": done,
         "data_keys_total": total,
+        "upload_keys_moved": uploads_moved,
         "webhook_secrets_moved": secrets_moved,
     }
     with transaction.atomic():

@@ -40,7 +40,7 @@ from registry.services.artifacts import (
     version_ensure_draft,
 )
 from registry.services.audit import audit_record
-from registry.services.envelope import encrypt_to_store, key_provider_call
+from registry.services.envelope import encrypt_to_store, key_provider_call, wrapped_key_rewrap
 from registry.services.pending import pending_begin, pending_discard
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -150,6 +150,43 @@ def _session_dek(session: UploadSession) -> bytes:
     return key_provider_call(
         provider.unwrap, wrapped, _session_context(session.id, session.version)
     )
+
+
+def upload_sessions_rewrap_all(*, target: keys.KeyProvider) -> tuple[int, int]:
+    """Re-wrap the DEK of every open upload session not yet under `target`'s primary KEK
+    (audited), so that its staged parts outlive the old KEK: (moved, total). Finished sessions
+    are skipped: their parts are gone and their keys open nothing. The UPDATE is conditional on
+    the old kek_id, as for artifacts."""
+    to_kek = target.primary_kek_id()
+    qs = (
+        UploadSession.objects.filter(state=UploadState.OPEN)
+        .exclude(kek_id=to_kek)
+        .select_related("version__model__namespace")
+        .order_by("pk")
+    )
+    total = qs.count()
+    moved = 0
+    for session in qs.iterator():
+        old = keys.WrappedKey(kek_id=session.kek_id, blob=bytes(session.wrapped_dek))
+        context = _session_context(session.id, session.version)
+        new = wrapped_key_rewrap(old, context, target=target, to_kek=to_kek)
+        with transaction.atomic():
+            updated = UploadSession.objects.filter(pk=session.pk, kek_id=session.kek_id).update(
+                wrapped_dek=new.blob, kek_id=new.kek_id
+            )
+            if updated:
+                audit_record(
+                    action=AuditAction.KEY_REWRAP,
+                    namespace=session.version.model.namespace.name,
+                    target=file_target(session.version, session.path),
+                    details={
+                        "upload": str(session.id),
+                        "from_kek_id": session.kek_id,
+                        "to_kek_id": new.kek_id,
+                    },
+                )
+        moved += updated
+    return moved, total
 
 
 def upload_part_put(

@@ -9,12 +9,13 @@ from registry.crypto.keys import KeyProvider
 from registry.services import audit
 from registry.services.artifacts import artifacts_rewrap_all
 from registry.services.rotation import rewrap_job_create
+from registry.services.uploads import upload_sessions_rewrap_all
 from registry.services.webhooks import webhook_secrets_rewrap_all
 
 
 class Command(BaseCommand):
     help = (
-        "Re-wrap every artifact data key and webhook signing secret under a new "
+        "Re-wrap every artifact data key, open upload key and webhook signing secret under a new "
         "key-encryption key. Only wrapped keys in the database change; stored objects are not "
         "read or rewritten, and webhook secrets keep their value. With --job a worker does it "
         "in the background (resumable, with progress in the job); the job id is printed."
@@ -71,6 +72,10 @@ class Command(BaseCommand):
 
         moved, total = artifacts_rewrap_all(target=target, progress=progress)
         self.stdout.write(self.style.SUCCESS(f"re-wrapped {moved} of {total} data keys under {to}"))
+        moved, total = upload_sessions_rewrap_all(target=target)
+        self.stdout.write(
+            self.style.SUCCESS(f"re-wrapped {moved} of {total} open upload keys under {to}")
+        )
         moved, total = webhook_secrets_rewrap_all(target=target)
         self.stdout.write(
             self.style.SUCCESS(f"re-wrapped {moved} of {total} webhook secrets under {to}")

@@ -11,8 +11,8 @@ from django.core.management import call_command
 
 from registry import keyconfig
 from registry.errors import IntegrityFailure
-from registry.models import Artifact, AuditEvent, Job, JobState
-from registry.services import approvals, catalog, rotation
+from registry.models import Artifact, AuditEvent, Job, JobState, UploadSession
+from registry.services import approvals, catalog, rotation, uploads
 from registry.services.artifacts import artifact_open, artifact_upload, artifacts_rewrap_batch
 
 FILES = {f"shard-{i}.bin": f"weights {i}".encode() * 100 for i in range(7)}
@@ -76,6 +76,7 @@ def test_a_job_moves_every_key_resuming_after_a_crash_without_touching_done_ones
         "data_keys_moved": 4,
         "data_keys_done": 7,
         "data_keys_total": 7,
+        "upload_keys_moved": 0,
         "webhook_secrets_moved": 0,
     }
     job.refresh_from_db()
@@ -155,3 +156,33 @@ def test_the_synchronous_command_skips_shredded_keys(stored):
         primary
     }
     assert Artifact.objects.get(path="old.bin").kek_id == ""
+
+
+def test_an_open_upload_keeps_its_staged_parts_across_a_rotation(actors, draft):
+    """Bug caught: a rotation that left upload-session keys under the old KEK would strand
+    every staged part once that KEK is retired."""
+    part = b"a" * (1 << 20)
+    session = uploads.upload_session_create(
+        version=draft, path="big.bin", size=(1 << 20) + 5, sha256=None, part_size=1 << 20,
+        creator=actors.users["alice"],
+    )  # fmt: skip
+    uploads.upload_part_put(session=session, number=1, chunks=[part], length=1 << 20)
+    done = uploads.upload_session_create(
+        version=draft, path="gone.bin", size=1, sha256=None, part_size=1 << 20,
+        creator=actors.users["alice"],
+    )  # fmt: skip
+    uploads.upload_session_abort(session=done)
+    ring = keyconfig.local_keyring()
+    old_kek = ring.primary_kek_id()
+    job = rotation.rewrap_job_create(to_kek_id=ring.add_key())
+
+    result = rotation.rewrap_job_run(job_id=job.pk)
+
+    assert result is not None and result["upload_keys_moved"] == 1
+    session.refresh_from_db()
+    assert session.kek_id == job.params["to_kek_id"]
+    assert UploadSession.objects.get(pk=done.pk).kek_id == old_kek  # finished: left alone
+    uploads.upload_part_put(session=session, number=2, chunks=[b"tail!"], length=5)
+    artifact = uploads.upload_session_complete(session=session, creator=actors.users["alice"])
+    assert plaintext(Artifact.objects.get(pk=artifact.pk)) == part + b"tail!"
+    assert AuditEvent.objects.filter(action="key.rewrap", details__upload=str(session.pk)).exists()
