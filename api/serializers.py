@@ -403,7 +403,8 @@ class JobOut(serializers.Serializer):
     progress = serializers.FloatField(min_value=0, max_value=1)
     progress_message = serializers.CharField()
     attempts = serializers.IntegerField()
-    namespace = serializers.CharField(source="namespace.name")
+    # None for operator jobs of the whole registry (KEK rotation).
+    namespace = serializers.CharField(source="namespace.name", default=None, allow_null=True)
     model = serializers.CharField(source="version.model.name", default=None, allow_null=True)
     version = serializers.IntegerField(source="version.number", default=None, allow_null=True)
     created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)

@@ -26,6 +26,7 @@ from registry.services.artifacts import SHREDDED_KEK_ID, artifacts_rewrap_batch
 from registry.services.envelope import key_provider_call
 from registry.services.uploads import upload_sessions_rewrap_all
 from registry.services.webhooks import webhook_secrets_rewrap_all
+from registry.signing.keys import signing_keys_rewrap_all
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def rewrap_job_run(*, job_id: uuid.UUID) -> dict[str, Any] | None:
         done += count
     uploads_moved, _ = upload_sessions_rewrap_all(target=target)
     secrets_moved, _ = webhook_secrets_rewrap_all(target=target)
+    signing_moved, _ = signing_keys_rewrap_all(target=target)
     done, total = rewrap_progress(to_kek=to_kek)
     result = {
         "to_kek_id": to_kek,
@@ -109,6 +111,7 @@ def rewrap_job_run(*, job_id: uuid.UUID) -> dict[str, Any] | None:
         "data_keys_total": total,
         "upload_keys_moved": uploads_moved,
         "webhook_secrets_moved": secrets_moved,
+        "signing_keys_moved": signing_moved,
     }
     with transaction.atomic():
         jobs.job_progress(

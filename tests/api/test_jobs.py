@@ -57,3 +57,21 @@ def test_job_list_needs_the_read_scope(actors, draft):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
     assert client.get(f"{API}/jobs").status_code == 403
+
+
+def test_operators_see_registry_wide_jobs_without_a_namespace(actors, draft):
+    from django.contrib.auth import get_user_model
+
+    from registry import keyconfig
+    from registry.services import rotation
+
+    job = rotation.rewrap_job_create(to_kek_id=keyconfig.local_keyring().primary_kek_id())
+    su = get_user_model().objects.create(username="su", is_superuser=True)
+    client = APIClient()
+    client.credentials(
+        HTTP_AUTHORIZATION=f"Bearer {token_create(user=su, scopes=['read']).plaintext}"
+    )
+    listed = client.get(f"{API}/jobs")
+    assert listed.status_code == 200, listed.content
+    assert [j["namespace"] for j in listed.json()["results"] if j["id"] == str(job.pk)] == [None]
+    assert client.get(f"{API}/jobs/{job.pk}").json()["kind"] == "rewrap"

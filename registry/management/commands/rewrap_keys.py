@@ -11,6 +11,7 @@ from registry.services.artifacts import artifacts_rewrap_all
 from registry.services.rotation import rewrap_job_create
 from registry.services.uploads import upload_sessions_rewrap_all
 from registry.services.webhooks import webhook_secrets_rewrap_all
+from registry.signing.keys import signing_keys_rewrap_all
 
 
 class Command(BaseCommand):
@@ -79,4 +80,8 @@ class Command(BaseCommand):
         moved, total = webhook_secrets_rewrap_all(target=target)
         self.stdout.write(
             self.style.SUCCESS(f"re-wrapped {moved} of {total} webhook secrets under {to}")
+        )
+        moved, total = signing_keys_rewrap_all(target=target)
+        self.stdout.write(
+            self.style.SUCCESS(f"re-wrapped {moved} of {total} registry signing keys under {to}")
         )

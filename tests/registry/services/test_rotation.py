@@ -78,6 +78,7 @@ def test_a_job_moves_every_key_resuming_after_a_crash_without_touching_done_ones
         "data_keys_total": 7,
         "upload_keys_moved": 0,
         "webhook_secrets_moved": 0,
+        "signing_keys_moved": 0,
     }
     job.refresh_from_db()
     assert job.state == JobState.SUCCEEDED and job.progress == 1.0
@@ -186,3 +187,18 @@ def test_an_open_upload_keeps_its_staged_parts_across_a_rotation(actors, draft):
     artifact = uploads.upload_session_complete(session=session, creator=actors.users["alice"])
     assert plaintext(Artifact.objects.get(pk=artifact.pk)) == part + b"tail!"
     assert AuditEvent.objects.filter(action="key.rewrap", details__upload=str(session.pk)).exists()
+
+
+def test_the_job_also_moves_the_registry_signing_key(stored):
+    from registry.models import SigningKey
+    from registry.signing.keys import sign, signing_key_current
+
+    key = signing_key_current()
+    ring = keyconfig.local_keyring()
+    new_kek = ring.add_key()
+    job = rotation.rewrap_job_create(to_kek_id=new_kek)
+    result = rotation.rewrap_job_run(job_id=job.pk)
+    assert result is not None and result["signing_keys_moved"] == 1
+    moved = SigningKey.objects.get(pk=key.pk)
+    assert moved.private_key_kek_id == new_kek != key.private_key_kek_id
+    assert sign(b"still signs", key=moved)  # the same key, now under the new KEK
