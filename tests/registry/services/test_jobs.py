@@ -165,3 +165,15 @@ def test_dispatch_queues_again_a_job_running_past_every_limit(actors, draft, bro
     assert lost.state == JobState.QUEUED and lost.enqueued_at is not None
     assert lost.attempts == 1  # the next claim counts it
     assert alive.state == JobState.RUNNING
+
+
+def test_every_job_kind_has_a_registered_task_on_a_routed_queue():
+    """A kind without a task (or a misspelt task name) would be queued and never run."""
+    from registry.services.jobs import JOB_TASKS
+    from workers.app import app
+
+    assert set(JOB_TASKS) == set(JobKind.values)
+    app.loader.import_default_modules()
+    for kind, (task, queue) in JOB_TASKS.items():
+        assert task in app.tasks, (kind, task)
+        assert queue in {"celery", "scan", "webhooks"}, (kind, queue)
