@@ -585,3 +585,22 @@ class SignatureOut(serializers.Serializer):
         help_text="The Sigstore bundle (v0.3) `model_signing verify` reads; also at "
         "`.../signatures/{id}.sig`."
     )
+
+
+class SignatureIn(serializers.Serializer):
+    bundle = serializers.DictField(
+        help_text="The bundle `model_signing sign key` wrote (the JSON of its .sig file)."
+    )
+
+
+class PublisherKeyIn(serializers.Serializer):
+    public_key_pem = TextField(max_length=10000, help_text="An EC public key (P-256/384/521).")
+    name = TextField(required=False, allow_blank=True, default="", max_length=100)
+
+
+class PublisherKeyOut(serializers.Serializer):
+    key_id = serializers.CharField(help_text="The key hint its bundles carry.")
+    name = serializers.CharField()
+    public_key_pem = serializers.CharField()
+    created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
+    created_at = serializers.DateTimeField()

@@ -35,6 +35,11 @@ V = f"{M}/versions/<vnum:number>"
 
 urlpatterns = [
     path("signing-keys", signing.SigningKeyListView.as_view()),
+    path("namespaces/<str:ns>/publisher-keys", signing.PublisherKeyListView.as_view()),
+    path(
+        "namespaces/<str:ns>/publisher-keys/<str:key_id>",
+        signing.PublisherKeyDetailView.as_view(),
+    ),
     path(f"{V}/signatures", signing.SignatureListView.as_view()),
     path(f"{V}/signatures/<int:signature_id>.sig", signing.SignatureFileView.as_view()),
     path("namespaces", views.NamespaceListView.as_view()),

@@ -182,6 +182,15 @@ class ScanGateNotClean(GateNotMet):
     )
 
 
+class PublisherSignatureMissing(GateNotMet):
+    code = "gate_publisher_signature"
+    default_message = (
+        "The namespace policy requires a valid publisher signature: sign the files with "
+        "`model_signing sign key` using a key the namespace trusts, and POST the bundle to "
+        "the version's signatures."
+    )
+
+
 class VersionQuarantined(PermissionDenied):
     code = "version_quarantined"
     default_message = (
@@ -222,6 +231,11 @@ class VersionRevoked(RegistryError):
     code = "version_revoked"
     status = 410
     default_message = "This version was revoked by a namespace admin; its files are gone for good."
+
+
+class PublisherKeyExists(Conflict):
+    code = "publisher_key_exists"
+    default_message = "The namespace already trusts this public key."
 
 
 class SignatureMismatch(RegistryError):

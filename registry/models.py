@@ -433,6 +433,9 @@ class AuditAction(models.TextChoices):
     VERSION_SIGN = "version.sign"
     # An approved version whose files no longer match its registry signature: not served.
     SIGNATURE_MISMATCH = "signature.mismatch"
+    SIGNATURE_RECORD = "signature.record"
+    PUBLISHER_KEY_ADD = "publisher_key.add"
+    PUBLISHER_KEY_DELETE = "publisher_key.delete"
 
 
 class JobKind(models.TextChoices):
@@ -773,3 +776,30 @@ class Signature(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} signature of version {self.version_id} ({self.result})"
+
+
+class PublisherKey(models.Model):
+    """A public key a namespace trusts for its publishers' OMS signatures (admin-managed).
+
+    `key_id` is the hint `model_signing sign key` writes into its bundles (SHA-256 of the
+    key's SubjectPublicKeyInfo PEM), so a bundle names the key that must check it.
+    """
+
+    namespace = models.ForeignKey(
+        Namespace, on_delete=models.CASCADE, related_name="publisher_keys"
+    )
+    key_id = models.CharField(max_length=64)
+    name = models.CharField(max_length=100, blank=True, default="")
+    public_key_pem = models.TextField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["namespace", "key_id"], name="publisher_key_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"publisher key {self.key_id[:16]} of namespace {self.namespace_id}"

@@ -32,6 +32,7 @@ from registry.models import (
     ModelAlias,
     ModelVersion,
     Namespace,
+    PublisherKey,
     RegisteredModel,
     Review,
     Role,
@@ -546,6 +547,12 @@ def version_related_load(*, version: ModelVersion) -> ModelVersion:
         )
     )
     return version
+
+
+def publisher_key_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[PublisherKey]:
+    """The publisher keys a namespace trusts (its members may read them)."""
+    ns = namespace_get_for_user(principal=principal, name=namespace, action=Action.READ)
+    return PublisherKey.objects.filter(namespace=ns).select_related("created_by")
 
 
 def signature_list_for_user(

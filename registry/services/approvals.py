@@ -47,6 +47,7 @@ from registry.services.audit import audit_record, audit_target
 # it; publisher signatures (`publisher_signature`) and DP budgets (`dp_budget`) plug in here.
 GATES: dict[str, Callable[[ModelVersion], None]] = {
     "scan_clean": scanning.version_review_gate,
+    "publisher_signature": signatures.publisher_signature_gate,
 }
 
 POLICY_FIELDS = (

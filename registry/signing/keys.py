@@ -263,12 +263,8 @@ def signing_keys_all() -> list[SigningKey]:
 
 def signing_key_for_bundle(bundle: dict[str, Any]) -> SigningKey | None:
     """The registry key a bundle names in its public key hint (current or retired), if any."""
-    material = bundle.get("verificationMaterial")
-    public_key = material.get("publicKey") if isinstance(material, dict) else None
-    hint = public_key.get("hint") if isinstance(public_key, dict) else None
-    if not isinstance(hint, str) or not hint:
-        return None
-    return SigningKey.objects.filter(key_id=hint).first()
+    hint = oms.bundle_key_hint(bundle)
+    return None if hint is None else SigningKey.objects.filter(key_id=hint).first()
 
 
 def public_key(key: SigningKey) -> ec.EllipticCurvePublicKey:

@@ -86,6 +86,14 @@ def public_key_hint(public_pem: bytes) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
+def bundle_key_hint(bundle: dict[str, Any]) -> str | None:
+    """The public key hint a key-based bundle names (its signer's key id), if any."""
+    material = bundle.get("verificationMaterial")
+    public_key = material.get("publicKey") if isinstance(material, dict) else None
+    hint = public_key.get("hint") if isinstance(public_key, dict) else None
+    return hint if isinstance(hint, str) and hint else None
+
+
 def is_ignored(path: str, ignore_paths: Iterable[str]) -> bool:
     """Whether `path` is one of `ignore_paths` or lies under one (as model_signing reads them)."""
     return any(path == ig or path.startswith(ig.rstrip("/") + "/") for ig in ignore_paths)

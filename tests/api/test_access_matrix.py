@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from django.contrib.auth import get_user_model
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from registry.access import Principal
-from registry.models import Job, JobKind, Signature, VersionState
+from registry.models import Artifact, Job, JobKind, Signature, VersionState
 from registry.services import (
     aliases,
     approvals,
@@ -34,6 +36,7 @@ from registry.services import (
     uploads,
     webhooks,
 )
+from registry.signing import bundles
 
 API = "/api/v1"
 NS = f"{API}/namespaces/{{ns}}"
@@ -197,6 +200,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ),
     ("GET", f"{V}/reviews"): _all(200, "read"),
     ("GET", f"{V}/signatures"): _all(200, "read"),
+    # A publisher's bundle, kept with its check's result in any state: the owner's and admins'.
+    ("POST", f"{V}/signatures"): Rule("ns", 201, action="write", states=(*STATES, ROOTS_DRAFT)),
+    ("GET", f"{NS}/publisher-keys"): Rule("ns", 200, action="read"),
+    ("POST", f"{NS}/publisher-keys"): Rule("ns", 201, action="manage"),
+    ("DELETE", f"{NS}/publisher-keys/{{key_id}}"): Rule("ns", 204, action="manage", fresh=True),
     ("GET", f"{V}/signatures/{{signature_id}}.sig"): Rule(
         "ns", 200, action="read", states=(APPROVED, DEPRECATED, VIA_ALIAS)
     ),
@@ -514,12 +522,30 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
         params["token_id"] = tokens.token_create(
             user=world.users[owner], scopes=["read"]
         ).token.key_id
+    if m == ("POST", f"{V}/signatures"):
+        # A well-formed bundle over the version's files, by a key acme does not trust.
+        files = [(a.path, a.sha256, a.size) for a in Artifact.objects.filter(version=version)]
+        call.data = {"bundle": bundles.bundle_build(files, "matrix")}
+    elif m == ("POST", f"{NS}/publisher-keys"):
+        call.data = {"public_key_pem": publisher_pem()}
+    elif m == ("DELETE", f"{NS}/publisher-keys/{{key_id}}"):
+        params["key_id"] = signatures.publisher_key_add(
+            namespace=world.acme, public_key_pem=publisher_pem(), creator=None
+        ).key_id
     if "{signature_id}" in template:
         params["signature_id"] = Signature.objects.get(version=version).pk
     if "{job_id}" in template:
         params["job_id"] = world.shared(PENDING).scan_job_id
     call.path = template.format(**params)
     return call
+
+
+def publisher_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem.decode()
 
 
 def perform(world: World, method: str, call: Call, caller: Caller):

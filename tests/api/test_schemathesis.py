@@ -42,6 +42,12 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
         "`url` must resolve to public addresses only (the SSRF check), which a schema cannot "
         "say; this server has no SMR_WEBHOOK_ALLOW_PRIVATE and no DNS (a 400)."
     ),
+    ("POST /api/v1/namespaces/{ns}/publisher-keys", "positive_data_acceptance"): (
+        "`public_key_pem` must parse as an EC public key, which a schema cannot say (a 400)."
+    ),
+    (f"POST {V}/{{number}}/signatures", "positive_data_acceptance"): (
+        "`bundle` must be a key-based Sigstore bundle, which a schema cannot say (a 400)."
+    ),
 }
 
 CONFIG = """

@@ -9,6 +9,14 @@ not served (audited).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from rest_framework.test import APIClient
 
 from registry.models import (
@@ -23,7 +31,7 @@ from registry.models import (
 )
 from registry.services import catalog, scanning, signatures
 from registry.signing.keys import signing_key_rotate
-from tests.registry.signing.conftest import cli_verify
+from tests.registry.signing.conftest import CLI, cli_verify
 
 API = "/api/v1"
 VERSIONS = f"{API}/namespaces/acme/models/bert/versions"
@@ -130,3 +138,168 @@ def test_signing_twice_keeps_one_registry_signature(actors, draft):
 def test_unapproved_versions_have_no_registry_signature(actors, draft):
     response = actors.client("alice").get(f"{VERSIONS}/1/signatures")
     assert response.status_code == 200 and response.json()["results"] == []
+
+
+# --- Publisher signatures --------------------------------------------------------------------
+
+PUBLISHER_KEYS = f"{API}/namespaces/acme/publisher-keys"
+
+
+def publisher_key(where: Path) -> tuple[Path, str]:
+    """A P-256 key pair of a publisher: the private key's file and the public PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = where / f"publisher-{os.urandom(4).hex()}.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+def cli_sign(folder: Path, private: Path, where: Path) -> dict:
+    """`model_signing sign key` over the folder, as a publisher runs it."""
+    sig = where / f"{folder.name}-{private.stem}.sig"
+    argv = [str(CLI), "sign", "key", str(folder), "--private_key", str(private)]
+    done = subprocess.run(  # fixed argv, no shell
+        [*argv, "--signature", str(sig)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(sig.read_text())
+
+
+def upload_only(actors, number: int, files: dict[str, bytes]) -> None:
+    alice = actors.client("alice")
+    for path, data in files.items():
+        response = alice.put(
+            f"{VERSIONS}/{number}/files/{path}", data, content_type="application/octet-stream"
+        )
+        assert response.status_code == 201, response.content
+
+
+@pytest.fixture
+def publisher(actors, draft, tmp_path):
+    """alice's folder signed with a key acme trusts (registered by root, audited)."""
+    folder = tmp_path / "model"
+    for path, data in FILES.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    private, public = publisher_key(tmp_path)
+    root = actors.client("root")
+    response = root.post(PUBLISHER_KEYS, {"public_key_pem": public, "name": "ci"}, format="json")
+    assert response.status_code == 201, response.content
+    assert (
+        root.post(PUBLISHER_KEYS, {"public_key_pem": public}, format="json").json()["code"]
+        == "publisher_key_exists"
+    )
+    assert AuditEvent.objects.filter(action=AuditAction.PUBLISHER_KEY_ADD).count() == 1
+    return {"bundle": cli_sign(folder, private, tmp_path), "key_id": response.json()["key_id"]}
+
+
+def record(actors, number: int, bundle: dict):
+    response = actors.client("alice").post(
+        f"{VERSIONS}/{number}/signatures", {"bundle": bundle}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_a_publisher_bundle_over_the_uploaded_files_is_valid(actors, publisher):
+    upload_only(actors, 1, FILES)
+    out = record(actors, 1, publisher["bundle"])
+    assert (out["kind"], out["result"], out["key_id"]) == (
+        "publisher",
+        "valid",
+        publisher["key_id"],
+    )
+    event = AuditEvent.objects.get(action=AuditAction.SIGNATURE_RECORD)
+    assert event.details["result"] == "valid"
+
+
+@pytest.mark.parametrize("change", ["one file changed", "a file missing", "an extra file"])
+def test_a_bundle_over_other_files_is_invalid_with_the_reason(actors, publisher, change):
+    files = dict(FILES)
+    if change == "one file changed":
+        files["config.json"] = b'{"hidden_size": 9}\n'
+    elif change == "a file missing":
+        del files["tokenizer.txt"]
+    else:
+        files["extra.txt"] = b"not signed"
+    upload_only(actors, 1, files)
+    out = record(actors, 1, publisher["bundle"])
+    assert out["result"] == "invalid" and out["reason"].startswith("files_mismatch"), out
+    named = {"one file changed": "config.json", "a file missing": "tokenizer.txt"}
+    assert named.get(change, "extra.txt") in out["reason"]
+
+
+def test_a_bundle_by_an_untrusted_key_is_unknown_key(actors, publisher, tmp_path):
+    upload_only(actors, 1, FILES)
+    private, _public = publisher_key(tmp_path)  # never registered
+    folder = tmp_path / "model"
+    out = record(actors, 1, cli_sign(folder, private, tmp_path))
+    assert out["result"] == "unknown_key"
+    # A bundle that is no OMS bundle at all is refused, and nothing is recorded.
+    response = actors.client("alice").post(
+        f"{VERSIONS}/1/signatures", {"bundle": {"mediaType": "x"}}, format="json"
+    )
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_input")
+    assert Signature.objects.filter(kind=SignatureKind.PUBLISHER).count() == 1
+
+
+def test_the_policy_can_require_a_valid_publisher_signature(actors, publisher):
+    root = actors.client("root")
+    gates = {"required_gates": ["scan_clean", "publisher_signature"]}
+    assert root.patch(f"{API}/namespaces/acme/policy", gates, format="json").status_code == 200
+    upload_only(actors, 1, FILES)
+    job = actors.client("alice").post(f"{VERSIONS}/1/submit").json()["job"]["id"]
+    assert scanning.version_scan(job_id=job) == "pending_review"
+    bob = actors.client("bob")
+    refused = bob.post(f"{VERSIONS}/1/reviews", {"decision": "approve"}, format="json")
+    assert (refused.status_code, refused.json()["code"]) == (409, "gate_publisher_signature")
+    record(actors, 1, publisher["bundle"])
+    approved = bob.post(f"{VERSIONS}/1/reviews", {"decision": "approve"}, format="json")
+    assert approved.json()["version"]["state"] == "approved", approved.content
+
+
+def test_publisher_keys_are_managed_by_admins(actors, publisher, tmp_path):
+    _private, public = publisher_key(tmp_path)
+    alice = actors.client("alice")
+    assert alice.post(PUBLISHER_KEYS, {"public_key_pem": public}, format="json").status_code == 403
+    assert [k["key_id"] for k in alice.get(PUBLISHER_KEYS).json()["results"]] == [
+        publisher["key_id"]
+    ]
+    bad = actors.client("root").post(PUBLISHER_KEYS, {"public_key_pem": "nope"}, format="json")
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_input")
+    assert actors.client("mallory").get(PUBLISHER_KEYS).status_code == 404
+    root = actors.client("root")
+    assert root.delete(f"{PUBLISHER_KEYS}/{publisher['key_id']}").status_code == 204
+    assert root.delete(f"{PUBLISHER_KEYS}/{publisher['key_id']}").status_code == 404
+
+
+def test_signing_reads_no_artifact_bytes(actors, draft):
+    """The sign job works from recorded digests: with every object of the version gone from
+    the store (any read would fail), and sizes recorded as several GiB, it still signs."""
+    from registry import storage
+
+    upload_only(actors, 1, FILES)
+    job = actors.client("alice").post(f"{VERSIONS}/1/submit").json()["job"]["id"]
+    assert scanning.version_scan(job_id=job) == "pending_review"
+    actors.client("bob").post(f"{VERSIONS}/1/reviews", {"decision": "approve"}, format="json")
+    store = storage.get_object_store()
+    for artifact in Artifact.objects.all():
+        store.delete(artifact.object_key)
+        assert not store.exists(artifact.object_key)
+    Artifact.objects.update(size=3 * 1024**3)
+    version = ModelVersion.objects.get(number=1)
+    sign_job = Job.objects.get(version=version, kind=JobKind.SIGN)
+    signature = signatures.version_sign(job_id=sign_job.pk)
+    assert signature is not None and signature.result == "valid"
