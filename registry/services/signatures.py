@@ -216,6 +216,10 @@ def signature_record(*, version: ModelVersion, bundle: dict[str, Any]) -> Signat
             "send the file `model_signing sign key` wrote.",
             field="bundle",
         )
+    try:
+        oms.bundle_parse(bundle)  # junk is refused whatever key it names
+    except oms.BundleInvalid as exc:
+        raise InvalidInput(f"bundle: {exc}", field="bundle") from None
     trusted = PublisherKey.objects.filter(namespace=namespace, key_id=hint).first()
     result, reason = SignatureResult.VALID, ""
     if trusted is None:

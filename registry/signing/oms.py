@@ -216,6 +216,11 @@ def _read_bundle(bundle: dict[str, Any]) -> sign_sigstore_pb.Signature:
         raise BundleInvalid("malformed", f"not a Sigstore bundle: {exc}") from None
 
 
+def bundle_parse(bundle: dict[str, Any]) -> None:
+    """Raise BundleInvalid("malformed") unless `bundle` reads as a Sigstore bundle."""
+    _read_bundle(bundle)
+
+
 def bundle_verify(
     bundle: dict[str, Any],
     files: Sequence[FileDigest | tuple[str, str, int]],

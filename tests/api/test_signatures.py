@@ -252,6 +252,11 @@ def test_a_bundle_by_an_untrusted_key_is_unknown_key(actors, publisher, tmp_path
         f"{VERSIONS}/1/signatures", {"bundle": {"mediaType": "x"}}, format="json"
     )
     assert (response.status_code, response.json()["code"]) == (400, "invalid_input")
+    junk = {"verificationMaterial": {"publicKey": {"hint": "ab" * 32}}}  # names a key, no more
+    response = actors.client("alice").post(
+        f"{VERSIONS}/1/signatures", {"bundle": junk}, format="json"
+    )
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_input")
     assert Signature.objects.filter(kind=SignatureKind.PUBLISHER).count() == 1
 
 
