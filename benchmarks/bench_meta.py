@@ -34,7 +34,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -117,23 +116,7 @@ class Client:
 
 def mlflow_venv(peers_dir: Path) -> Path:
     """MLflow in its own venv under peers_dir, created on first use and kept."""
-    venv = peers_dir / "mlflow"
-    exe = venv / "bin" / "mlflow"
-    marker = venv / "smr-bench-spec"
-    if exe.exists() and marker.exists() and marker.read_text() == MLFLOW_SPEC:
-        return exe
-    log(f"installing {MLFLOW_SPEC} into {venv} (kept for later runs)")
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    python = shutil.which("python3") or sys.executable
-    env = dict(os.environ)
-    common.run_checked([python, "-m", "venv", str(venv)], env=env)
-    pip = [str(venv / "bin" / "pip"), "install", "-q", MLFLOW_SPEC]
-    common.run_checked(pip, env=env, timeout=1800)
-    if not exe.exists():
-        raise RuntimeError(f"mlflow: no {exe} after pip install")
-    marker.write_text(MLFLOW_SPEC)
-    return exe
+    return common.peer_venv("mlflow", [MLFLOW_SPEC], peers_dir)
 
 
 def mlflow_version(exe: Path) -> str:
@@ -473,9 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peers-dir",
         type=Path,
-        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "smr-bench"
-        / "peers",
+        default=common.default_peers_dir(),
     )
     args = parser.parse_args(argv)
     if args.versions > 1000:

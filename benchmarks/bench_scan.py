@@ -461,24 +461,7 @@ def build_scan_files(folder: Path, scan_mib: int, pattern: common.Pattern) -> li
 
 def peer_venv(name: str, peers_dir: Path) -> Path:
     """The peer's CLI in its own venv under peers_dir, created on first use and kept."""
-    venv = peers_dir / name
-    exe = venv / "bin" / name
-    spec = " ".join(PEERS[name][0])
-    marker = venv / "smr-bench-spec"
-    if exe.exists() and marker.exists() and marker.read_text() == spec:
-        return exe
-    log(f"installing {name} into {venv} (kept for later runs)")
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    python = shutil.which("python3") or sys.executable
-    env = dict(os.environ)
-    common.run_checked([python, "-m", "venv", str(venv)], env=env)
-    pip = [str(venv / "bin" / "pip"), "install", "-q", *PEERS[name][0]]
-    common.run_checked(pip, env=env, timeout=900)
-    if not exe.exists():
-        raise RuntimeError(f"{name}: no {exe} after pip install")
-    marker.write_text(spec)
-    return exe
+    return common.peer_venv(name, PEERS[name][0], peers_dir)
 
 
 def peer_version(exe: Path) -> str:

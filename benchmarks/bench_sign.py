@@ -51,23 +51,7 @@ CHUNK = 16 * 1024 * 1024
 
 def peer_cli(peers_dir: Path) -> Path:
     """`model_signing` in its own venv under peers_dir, created on first use and kept."""
-    venv = peers_dir / "model_signing"
-    exe = venv / "bin" / "model_signing"
-    marker = venv / "smr-bench-spec"
-    spec = " ".join([PEER_SPEC, *PEER_EXTRA])
-    if exe.exists() and marker.exists() and marker.read_text() == spec:
-        return exe
-    log(f"installing {spec} into {venv} (kept for later runs)")
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    python = shutil.which("python3") or sys.executable
-    env = dict(os.environ)
-    common.run_checked([python, "-m", "venv", str(venv)], env=env)
-    common.run_checked(
-        [str(venv / "bin" / "pip"), "install", "-q", PEER_SPEC, *PEER_EXTRA], env=env, timeout=900
-    )
-    marker.write_text(spec)
-    return exe
+    return common.peer_venv("model_signing", [PEER_SPEC, *PEER_EXTRA], peers_dir)
 
 
 def write_folder(root: Path, total: int, count: int) -> list[tuple[str, str, int]]:
@@ -105,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peers-dir",
         type=Path,
-        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "smr-bench"
-        / "peers",
+        default=common.default_peers_dir(),
     )
     args = parser.parse_args(argv)
     exe = peer_cli(args.peers_dir)

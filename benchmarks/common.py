@@ -566,3 +566,32 @@ class RssSampler:
     @property
     def peak_mib(self) -> float:
         return round(self.peak_bytes / MIB, 1)
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+
+def default_peers_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smr-bench" / "peers"
+
+
+def peer_venv(name: str, specs: list[str], peers_dir: Path, *, exe: str | None = None) -> Path:
+    """A peer's CLI `exe` (default `name`) in its own venv peers_dir/name, with `specs`
+    pip-installed: created on first use and kept (never in the project's venv)."""
+    venv = peers_dir / name
+    cli = venv / "bin" / (exe or name)
+    marker = venv / "smr-bench-spec"
+    spec = " ".join(specs)
+    if cli.exists() and marker.exists() and marker.read_text() == spec:
+        return cli
+    log(f"installing {spec} into {venv} (kept for later runs)")
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = shutil.which("python3") or sys.executable
+    env = dict(os.environ)
+    run_checked([python, "-m", "venv", str(venv)], env=env)
+    run_checked([str(venv / "bin" / "pip"), "install", "-q", *specs], env=env, timeout=1800)
+    if not cli.exists():
+        raise RuntimeError(f"{name}: no {cli} after pip install")
+    marker.write_text(spec)
+    return cli

@@ -46,6 +46,14 @@ class JobTask(Task):
         jobs.job_fail(job_id=uuid.UUID(str(job_id)), code=code, message=message)
 
 
+def _job_uuid(job_id: str) -> uuid.UUID | None:
+    """The job id a message carries; None for one that is not a UUID (nothing to run)."""
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        return None
+
+
 @shared_task(
     base=JobTask,
     bind=True,
@@ -61,9 +69,8 @@ class JobTask(Task):
 )
 def version_scan(self: Task, job_id: str) -> str | None:
     """Scan a submitted version's files and move it to pending_review or quarantined."""
-    try:
-        job = uuid.UUID(job_id)
-    except ValueError:
+    job = _job_uuid(job_id)
+    if job is None:
         return None
     return scanning.version_scan(job_id=job)
 
@@ -82,9 +89,8 @@ def version_scan(self: Task, job_id: str) -> str | None:
 )
 def keys_rewrap(self: Task, job_id: str) -> dict[str, Any] | None:
     """Re-wrap every data key under the job's KEK; a retry or redelivery resumes, never redoes."""
-    try:
-        job = uuid.UUID(job_id)
-    except ValueError:
+    job = _job_uuid(job_id)
+    if job is None:
         return None
     return rotation.rewrap_job_run(job_id=job)
 
@@ -100,9 +106,8 @@ def keys_rewrap(self: Task, job_id: str) -> dict[str, Any] | None:
 )
 def version_sign(self: Task, job_id: str) -> str | None:
     """Sign a just-approved version with the registry's key (its recorded digests only)."""
-    try:
-        job = uuid.UUID(job_id)
-    except ValueError:
+    job = _job_uuid(job_id)
+    if job is None:
         return None
     signature = signatures.version_sign(job_id=job)
     return None if signature is None else str(signature.pk)
