@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	touch $@
 
+# The test suite trains real DP models, so it installs the dp extra (torch, opacus) too.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,dp]"
 	touch $@
 
 install: $(VENV)/.installed

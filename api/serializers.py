@@ -15,12 +15,17 @@ from registry.models import (
     MODEL_NAME_RE,
     NAMESPACE_NAME_RE,
     SEVERITY_CHOICES,
+    Accountant,
     JobKind,
     JobState,
+    LedgerKind,
+    LedgerSource,
     ModelVersion,
+    PrivacyUnit,
     ReviewDecision,
     Role,
     ScanVerdict,
+    Sensitivity,
     SignatureKind,
     SignatureResult,
     TokenScope,
@@ -304,6 +309,31 @@ class PolicyPatch(serializers.Serializer):
     )
 
 
+class DpEventIO(serializers.Serializer):
+    """One DP-SGD run: Poisson-sampled Gaussian steps."""
+
+    sampling_rate = serializers.FloatField(help_text="q, the expected batch over the records.")
+    noise_multiplier = serializers.FloatField(help_text="sigma.")
+    steps = serializers.IntegerField()
+    max_grad_norm = serializers.FloatField(help_text="The clipping norm.")
+
+
+class DpRecordOut(serializers.Serializer):
+    dataset = serializers.CharField()
+    sensitivity = serializers.CharField()
+    blocks = serializers.ListField(child=serializers.CharField())
+    origin = serializers.ChoiceField(
+        choices=LedgerSource.choices, help_text="job: trained here; declared: trained elsewhere."
+    )
+    job = serializers.UUIDField(allow_null=True)
+    event = DpEventIO()
+    accountant = serializers.CharField()
+    epsilon = serializers.FloatField(help_text="At the dataset's delta.")
+    delta = serializers.FloatField()
+    library_versions = serializers.DictField(child=serializers.CharField())
+    committed_at = serializers.DateTimeField()
+
+
 class VersionDetailOut(VersionOut):
     """A version with its files, scans and reviews: from a version loaded by
     selectors.version_related_load (its `loaded_*` lists), every view that answers with one.
@@ -327,6 +357,9 @@ class VersionDetailOut(VersionOut):
     approved_at = serializers.DateTimeField(allow_null=True)
     reviews = ReviewOut(many=True, source="loaded_reviews")
     approvals = serializers.SerializerMethodField(help_text="Distinct approving reviewers.")
+    dp_record = serializers.SerializerMethodField(
+        help_text="The committed DP record of the run that trained it (null if none)."
+    )
 
     def to_representation(self, instance) -> dict[str, Any]:
         v = instance
@@ -366,6 +399,7 @@ class VersionDetailOut(VersionOut):
                 for r in v.loaded_reviews
             ],
             "approvals": self.get_approvals(v),
+            "dp_record": self.get_dp_record(v),
         }
 
     def get_aliases(self, obj) -> list[str]:
@@ -376,6 +410,11 @@ class VersionDetailOut(VersionOut):
 
     def get_approvals(self, obj) -> int:
         return sum(1 for r in obj.loaded_reviews if r.decision == ReviewDecision.APPROVE)
+
+    @extend_schema_field(DpRecordOut(allow_null=True))
+    def get_dp_record(self, obj) -> dict | None:
+        record = obj.loaded_dp_record
+        return None if record is None else dict(DpRecordOut(record).data)
 
     @extend_schema_field(VersionScanOut(many=True))
     def get_scans(self, obj) -> list[dict]:
@@ -604,3 +643,177 @@ class PublisherKeyOut(serializers.Serializer):
     public_key_pem = serializers.CharField()
     created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
     created_at = serializers.DateTimeField()
+
+
+class DatasetIn(serializers.Serializer):
+    name = NameField(MODEL_NAME_RE, max_length=128)
+    sensitivity = serializers.ChoiceField(
+        choices=Sensitivity.choices,
+        help_text="confidential and restricted data are what the dp_budget gate protects.",
+    )
+    privacy_unit = serializers.ChoiceField(choices=PrivacyUnit.choices, default=PrivacyUnit.RECORD)
+    delta = serializers.FloatField(help_text="Every ledger entry reports epsilon at this delta.")
+    description = TextField(required=False, allow_blank=True, default="", max_length=10000)
+
+
+class DatasetOut(serializers.Serializer):
+    name = serializers.CharField()
+    sensitivity = serializers.CharField()
+    privacy_unit = serializers.CharField()
+    delta = serializers.FloatField()
+    description = serializers.CharField()
+    created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class BlockFileIn(serializers.Serializer):
+    """A file of a submitted version of the same namespace: the block's data."""
+
+    model = NameField(MODEL_NAME_RE, max_length=128)
+    version = serializers.IntegerField(min_value=1, max_value=999_999_999)
+    path = TextField(max_length=4096)
+
+
+class BlockIn(serializers.Serializer):
+    name = NameField(MODEL_NAME_RE, max_length=128)
+    epsilon = serializers.FloatField(help_text="The block's budget cap.")
+    delta = serializers.FloatField(required=False, help_text="Defaults to the dataset's delta.")
+    accountant = serializers.ChoiceField(choices=Accountant.choices)
+    file = BlockFileIn(required=False, help_text="The block's data (.npz with X and y, or CSV).")
+    records = serializers.IntegerField(
+        required=False, min_value=1, help_text="Privacy units (rows) in the file."
+    )
+
+
+class BlockOut(serializers.Serializer):
+    name = serializers.CharField()
+    epsilon = serializers.FloatField()
+    delta = serializers.FloatField()
+    accountant = serializers.CharField()
+    records = serializers.IntegerField(allow_null=True)
+    file = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+
+    @extend_schema_field(BlockFileIn(allow_null=True))
+    def get_file(self, obj) -> dict | None:
+        artifact = obj.artifact
+        if artifact is None:
+            return None
+        return {
+            "model": artifact.version.model.name,
+            "version": artifact.version.number,
+            "path": artifact.path,
+            "sha256": artifact.sha256,
+        }
+
+
+class BlockBudgetOut(serializers.Serializer):
+    block = serializers.CharField()
+    accountant = serializers.CharField()
+    cap_epsilon = serializers.FloatField()
+    cap_delta = serializers.FloatField()
+    spent_epsilon = serializers.FloatField(help_text="Committed runs, composed.")
+    reserved_epsilon = serializers.FloatField(help_text="What unsettled claims add.")
+    remaining_epsilon = serializers.FloatField()
+    runs = serializers.IntegerField(help_text="Committed runs.")
+
+
+class BudgetOut(serializers.Serializer):
+    dataset = serializers.CharField()
+    delta = serializers.FloatField()
+    blocks = BlockBudgetOut(many=True)
+
+
+class LedgerEntryOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    claim = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=LedgerKind.choices)
+    origin = serializers.ChoiceField(choices=LedgerSource.choices, source="source")
+    block = serializers.CharField(source="block.name")
+    job = serializers.UUIDField(source="job_id", allow_null=True)
+    model = serializers.CharField(source="version.model.name", default=None, allow_null=True)
+    version = serializers.IntegerField(source="version.number", default=None, allow_null=True)
+    event = serializers.SerializerMethodField()
+    accountant = serializers.CharField()
+    epsilon = serializers.FloatField(help_text="This entry's event alone, at `delta`.")
+    delta = serializers.FloatField()
+    library_versions = serializers.DictField(child=serializers.CharField())
+    note = serializers.CharField()
+    created_by = serializers.CharField(source="created_by.username", default=None, allow_null=True)
+    created_at = serializers.DateTimeField()
+
+    @extend_schema_field(DpEventIO)
+    def get_event(self, obj) -> dict:
+        return {
+            "sampling_rate": obj.sampling_rate,
+            "noise_multiplier": obj.noise_multiplier,
+            "steps": obj.steps,
+            "max_grad_norm": obj.max_grad_norm,
+        }
+
+
+class PreviewIn(serializers.Serializer):
+    blocks = serializers.ListField(
+        child=NameField(MODEL_NAME_RE, max_length=128), min_length=1, max_length=100
+    )
+    event = serializers.JSONField(
+        help_text="{sampling_rate, noise_multiplier, steps, max_grad_norm}"
+    )
+    accountant = serializers.ChoiceField(choices=Accountant.choices, required=False)
+
+
+class PreviewBlockOut(BlockBudgetOut):
+    epsilon = serializers.FloatField(help_text="The event alone, at the block's delta.")
+    epsilon_after = serializers.FloatField(help_text="Everything used so far composed with it.")
+    remaining_after = serializers.FloatField()
+    used_epsilon = serializers.FloatField(help_text="Committed and reserved, composed.")
+    fits = serializers.BooleanField()
+
+
+class PreviewOut(serializers.Serializer):
+    accountant = serializers.CharField()
+    delta = serializers.FloatField()
+    epsilon = serializers.FloatField(help_text="The event alone, at the dataset's delta.")
+    fits = serializers.BooleanField()
+    blocks = PreviewBlockOut(many=True)
+
+
+class DpRecordIn(PreviewIn):
+    dataset = NameField(MODEL_NAME_RE, max_length=128)
+    note = TextField(required=False, allow_blank=True, default="", max_length=500)
+
+
+class JobIn(serializers.Serializer):
+    """A job to start: `dp_retrain` (a new draft version trained with DP-SGD) or
+    `privacy_audit` (a membership-inference attack on a version). Other kinds start from
+    their own endpoints (submit, rescan) or commands (rewrap_keys)."""
+
+    kind = serializers.ChoiceField(choices=[JobKind.DP_RETRAIN, JobKind.PRIVACY_AUDIT])
+    namespace = NameField(NAMESPACE_NAME_RE, max_length=63)
+    dataset = NameField(MODEL_NAME_RE, max_length=128)
+    blocks = serializers.ListField(
+        child=NameField(MODEL_NAME_RE, max_length=128),
+        required=False,
+        max_length=100,
+        help_text="Blocks to read; all of the dataset's by default.",
+    )
+    model = NameField(
+        MODEL_NAME_RE,
+        max_length=128,
+        help_text="dp_retrain: the model that gets the new version (created if missing); "
+        "privacy_audit: the model of the version to audit.",
+    )
+    base_version = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    version = serializers.IntegerField(required=False, min_value=1, help_text="privacy_audit.")
+    target_epsilon = serializers.FloatField(required=False)
+    noise_multiplier = serializers.FloatField(required=False)
+    epochs = serializers.IntegerField(required=False)
+    batch_size = serializers.IntegerField(required=False)
+    max_grad_norm = serializers.FloatField(required=False)
+    learning_rate = serializers.FloatField(required=False)
+    family = serializers.ChoiceField(choices=["logreg", "mlp"], required=False)
+    hidden = serializers.ListField(child=serializers.IntegerField(), required=False, max_length=4)
+    holdout_fraction = serializers.FloatField(required=False)
+    seed = serializers.IntegerField(required=False)
+    label_column = TextField(required=False, max_length=128)
+    accountant = serializers.ChoiceField(choices=Accountant.choices, required=False)

@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from api import audit, auth, files, signing, views
+from api import audit, auth, datasets, files, signing, views
 
 
 class VersionNumber:
@@ -32,6 +32,7 @@ register_converter(ArtifactPath, "apath")
 
 M = "namespaces/<str:ns>/models/<str:model>"
 V = f"{M}/versions/<vnum:number>"
+D = "namespaces/<str:ns>/datasets/<str:dataset>"
 
 urlpatterns = [
     path("signing-keys", signing.SigningKeyListView.as_view()),
@@ -76,8 +77,16 @@ urlpatterns = [
     path("audit/checkpoints", audit.AuditCheckpointListView.as_view()),
     path("audit/checkpoint-key", audit.AuditKeyView.as_view()),
     path("audit/verify", audit.AuditVerifyView.as_view()),
-    path("jobs", views.JobListView.as_view()),
+    path("jobs", datasets.JobListView.as_view()),
     path("jobs/<uuid:job_id>", views.JobDetailView.as_view()),
+    path("jobs/<uuid:job_id>/cancel", datasets.JobCancelView.as_view()),
+    path("namespaces/<str:ns>/datasets", datasets.DatasetListView.as_view()),
+    path(f"{D}", datasets.DatasetDetailView.as_view()),
+    path(f"{D}/blocks", datasets.BlockListView.as_view()),
+    path(f"{D}/ledger", datasets.LedgerView.as_view()),
+    path(f"{D}/ledger/preview", datasets.PreviewView.as_view()),
+    path(f"{D}/budget", datasets.BudgetView.as_view()),
+    path(f"{V}/dp-record", datasets.DpRecordView.as_view()),
     path("auth/login", auth.LoginView.as_view()),
     path("auth/logout", auth.LogoutView.as_view()),
     path("auth/me", auth.MeView.as_view()),

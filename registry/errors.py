@@ -262,3 +262,43 @@ class AliasProtected(PermissionDenied):
         "This alias is protected by the namespace policy (protected_aliases): only namespace "
         "admins can move or delete it."
     )
+
+
+class BudgetExceeded(Conflict):
+    code = "budget_exceeded"
+    default_message = "The run would spend more privacy budget than a block it reads has left."
+
+
+class AccountantMismatch(Conflict):
+    code = "accountant_mismatch"
+    default_message = (
+        "A block's budget is accounted with one accountant for its whole life; a run over "
+        "blocks with different accountants, or naming another accountant, is refused."
+    )
+
+
+class DpRecordExists(Conflict):
+    code = "dp_record_exists"
+    default_message = "This version already has a DP record; the ledger is append-only."
+
+
+class DpBudgetGateNotMet(GateNotMet):
+    code = "gate_dp_budget"
+    default_message = (
+        "The namespace policy requires versions trained on sensitive data to carry a "
+        "committed DP record within budget: register the run with POST "
+        ".../versions/{n}/dp-record, or train it with a dp_retrain job."
+    )
+
+
+class InUse(Conflict):
+    code = "in_use"
+    default_message = (
+        "The DP ledger refers to this object; the ledger is append-only, so it cannot be "
+        "deleted. Deprecate it instead."
+    )
+
+
+class JobNotCancellable(Conflict):
+    code = "job_not_cancellable"
+    default_message = "Only a queued or running job can be cancelled."

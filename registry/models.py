@@ -436,6 +436,13 @@ class AuditAction(models.TextChoices):
     SIGNATURE_RECORD = "signature.record"
     PUBLISHER_KEY_ADD = "publisher_key.add"
     PUBLISHER_KEY_DELETE = "publisher_key.delete"
+    DATASET_CREATE = "dataset.create"
+    DATA_BLOCK_CREATE = "data_block.create"
+    # Ledger changes (registry.services.ledger): one event per entry written.
+    LEDGER_CLAIM = "ledger.claim"
+    LEDGER_COMMIT = "ledger.commit"
+    LEDGER_RELEASE = "ledger.release"
+    JOB_CANCEL = "job.cancel"
 
 
 class JobKind(models.TextChoices):
@@ -444,6 +451,10 @@ class JobKind(models.TextChoices):
     REWRAP = "rewrap"
     # The registry's OMS signature of a version that was just approved.
     SIGN = "sign"
+    # DP-SGD training of a new draft version on a registered dataset (registry.services.dp).
+    DP_RETRAIN = "dp_retrain"
+    # A membership-inference attack on a version trained on a registered dataset.
+    PRIVACY_AUDIT = "privacy_audit"
 
 
 class JobState(models.TextChoices):
@@ -486,6 +497,8 @@ class Job(models.Model):
     # What the job was asked to do, fixed at creation (a rewrap job's target KEK).
     params = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)
+    # Set by a cancel of a running job: its worker stops at the next step it checks.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -803,3 +816,162 @@ class PublisherKey(models.Model):
 
     def __str__(self) -> str:
         return f"publisher key {self.key_id[:16]} of namespace {self.namespace_id}"
+
+
+class Sensitivity(models.TextChoices):
+    PUBLIC = "public"
+    INTERNAL = "internal"
+    # The two levels the DP gate protects (registry.services.ledger.SENSITIVE).
+    CONFIDENTIAL = "confidential"
+    RESTRICTED = "restricted"
+
+
+class PrivacyUnit(models.TextChoices):
+    RECORD = "record"  # one row of the data
+    USER = "user"  # all rows of one person (the data must hold one row per person)
+
+
+class Accountant(models.TextChoices):
+    RDP = "rdp"
+    PLD = "pld"
+
+
+class Dataset(models.Model):
+    """Training data whose privacy budget the ledger tracks (DESIGN section 7)."""
+
+    namespace = models.ForeignKey(Namespace, on_delete=models.PROTECT, related_name="datasets")
+    name = models.CharField(
+        max_length=128,
+        validators=[validate_visible_text, RegexValidator(MODEL_NAME_RE, "letters, digits, ._-")],
+    )
+    description = models.TextField(blank=True, default="")
+    sensitivity = models.CharField(max_length=16, choices=Sensitivity.choices)
+    privacy_unit = models.CharField(
+        max_length=16, choices=PrivacyUnit.choices, default=PrivacyUnit.RECORD
+    )
+    # Every ledger entry reports its epsilon at this delta.
+    delta = models.FloatField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["namespace", "name"], name="dataset_unique_name"),
+            models.CheckConstraint(
+                condition=models.Q(delta__gt=0) & models.Q(delta__lt=1), name="dataset_delta"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(sensitivity__in=Sensitivity.values),
+                name="dataset_sensitivity_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"dataset {self.name} ({self.sensitivity})"
+
+
+class DataBlock(models.Model):
+    """An append-only part of a dataset with its own budget cap and its one accountant.
+
+    Rows are never updated or deleted (database triggers, migration 0018): a cap or an
+    accountant cannot be changed after the fact. The block's data, when the registry trains
+    on it, is one file of a submitted model version (encrypted, scanned and audited like any
+    artifact, and immutable since submit); `records` is how many privacy units it holds.
+    """
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="blocks")
+    name = models.CharField(
+        max_length=128,
+        validators=[validate_visible_text, RegexValidator(MODEL_NAME_RE, "letters, digits, ._-")],
+    )
+    epsilon = models.FloatField()
+    delta = models.FloatField()
+    accountant = models.CharField(max_length=8, choices=Accountant.choices)
+    artifact = models.ForeignKey(
+        Artifact, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    records = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "name"], name="data_block_unique_name"),
+            models.CheckConstraint(condition=models.Q(epsilon__gt=0), name="data_block_epsilon"),
+            models.CheckConstraint(
+                condition=models.Q(delta__gt=0) & models.Q(delta__lt=1), name="data_block_delta"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(accountant__in=Accountant.values),
+                name="data_block_accountant_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"block {self.name} of dataset {self.dataset_id} (eps {self.epsilon})"
+
+
+class LedgerKind(models.TextChoices):
+    CLAIM = "claim"  # budget reserved for a planned run (counts until settled)
+    COMMIT = "commit"  # what the run actually spent (settles the claim)
+    RELEASE = "release"  # what it did not spend (settles the claim; counts for nothing)
+
+
+class LedgerSource(models.TextChoices):
+    JOB = "job"  # a dp_retrain job of this registry
+    DECLARED = "declared"  # a run elsewhere, registered with POST .../dp-record
+
+
+class LedgerEntry(models.Model):
+    """One immutable line of a block's privacy ledger (triggers reject UPDATE and DELETE).
+
+    A run claims every block it reads (one entry per block, sharing `claim`); settling it
+    writes a commit with the event actually spent and, if steps were left, a release. The
+    budget spent on a block is the composition of its commits and of its unsettled claims.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    claim = models.UUIDField(db_index=True)
+    kind = models.CharField(max_length=8, choices=LedgerKind.choices)
+    source = models.CharField(max_length=8, choices=LedgerSource.choices)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="ledger")
+    block = models.ForeignKey(DataBlock, on_delete=models.PROTECT, related_name="ledger")
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.PROTECT, related_name="ledger"
+    )
+    version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="dp_ledger"
+    )
+    sampling_rate = models.FloatField()
+    noise_multiplier = models.FloatField()
+    steps = models.PositiveIntegerField()
+    max_grad_norm = models.FloatField()
+    accountant = models.CharField(max_length=8, choices=Accountant.choices)
+    library_versions = models.JSONField(default=dict)
+    # This entry's own event alone, at the dataset's delta.
+    epsilon = models.FloatField()
+    delta = models.FloatField()
+    note = models.CharField(max_length=500, blank=True, default="")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # A claim is settled at most once per block by each kind.
+            models.UniqueConstraint(
+                fields=["claim", "block", "kind"], name="ledger_entry_claim_block_kind"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(kind__in=LedgerKind.values), name="ledger_entry_kind_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["block", "id"], name="ledger_entry_block_idx")]
+
+    def __str__(self) -> str:
+        return f"ledger {self.kind} {self.claim} on block {self.block_id}"

@@ -27,7 +27,9 @@ from registry.models import (
     Artifact,
     AuditCheckpoint,
     AuditEvent,
+    Dataset,
     Job,
+    LedgerEntry,
     Membership,
     ModelAlias,
     ModelVersion,
@@ -43,6 +45,7 @@ from registry.models import (
     VersionState,
 )
 from registry.paths import validate_artifact_path
+from registry.services import ledger
 from registry.services.audit import audit_target
 from registry.services.denials import access_denied_record
 
@@ -546,6 +549,8 @@ def version_related_load(*, version: ModelVersion) -> ModelVersion:
             .values_list("name", flat=True)
         )
     )
+    # A draft may carry one already: a declared run, or the job that wrote it.
+    version.loaded_dp_record = ledger.dp_record_of(version)  # type: ignore[attr-defined]
     return version
 
 
@@ -728,3 +733,54 @@ def audit_checkpoint_list_for_user(*, principal: Principal) -> QuerySet[AuditChe
     """Signed checkpoints of the whole log (auditors and superusers)."""
     audit_log_verifier_check(principal=principal)
     return AuditCheckpoint.objects.all()
+
+
+def dataset_list_for_user(*, principal: Principal, namespace: str) -> QuerySet[Dataset]:
+    """Datasets of a namespace the caller may read."""
+    ns = namespace_get_for_user(principal=principal, name=namespace, action=Action.READ)
+    return Dataset.objects.filter(namespace=ns).select_related("namespace", "created_by")
+
+
+def dataset_get_for_user(
+    *, principal: Principal, namespace: str, name: str, action: Action
+) -> Dataset:
+    """Dataset `name` if the caller may do `action` in its namespace (NotFound otherwise)."""
+    target = f"{namespace}/datasets/{name}"
+    ns = namespace_get_for_user(principal=principal, name=namespace, action=action, target=target)
+    dataset = (
+        Dataset.objects.filter(namespace=ns, name=name).select_related("created_by").first()
+        if _names_ok(name)
+        else None
+    )
+    if dataset is None:
+        raise NotFound(f"Dataset {name!r} not found in namespace {ns.name!r}.")
+    dataset.namespace = ns
+    return dataset
+
+
+def ledger_entry_list_for_user(
+    *, principal: Principal, namespace: str, dataset: str
+) -> QuerySet[LedgerEntry]:
+    """A dataset's ledger, every entry of every block (readers of the namespace)."""
+    found = dataset_get_for_user(
+        principal=principal, namespace=namespace, name=dataset, action=Action.READ
+    )
+    return LedgerEntry.objects.filter(dataset=found).select_related(
+        "block", "version__model", "created_by"
+    )
+
+
+def job_get_for_cancel(*, principal: Principal, job_id: uuid.UUID) -> Job:
+    """A job the caller may cancel: their own (with a write token), or any of a namespace
+    they administer. Others' jobs they can see are a PermissionDenied, the rest a NotFound."""
+    job = job_get_for_user(principal=principal, job_id=job_id)
+    if job.namespace is None:
+        if principal.user.is_superuser and principal.has_scope(TokenScope.ADMIN):
+            return job
+        raise PermissionDenied("Only operators can cancel a registry-wide job.")
+    role = role_for(principal=principal, namespace=job.namespace)
+    own = job.created_by_id == principal.user.pk and principal_allows(principal, role, Action.WRITE)
+    if own or principal_allows(principal, role, Action.MANAGE):
+        return job
+    _denied(principal, job.namespace, Action.WRITE, f"jobs/{job.pk}", reason="not the job's owner")
+    raise PermissionDenied("Only the job's creator or a namespace admin can cancel it.")

@@ -270,6 +270,9 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.version_scan": {"queue": "scan"},
     # A slow or dead receiver must hold up neither scans nor housekeeping.
     "workers.tasks.webhook_deliver": {"queue": "webhooks"},
+    # DP training holds a worker for minutes to hours, on a GPU where there is one.
+    "workers.tasks.dp_retrain": {"queue": "dp"},
+    "workers.tasks.privacy_audit": {"queue": "dp"},
 }
 # A scan past the soft limit fails its job cleanly; the hard limit kills the pool process.
 SMR_SCAN_SOFT_TIME_LIMIT = env_int("SMR_SCAN_SOFT_TIME_LIMIT", 3300)
@@ -295,6 +298,17 @@ if SMR_REWRAP_TIME_LIMIT >= SMR_JOB_LOST_AFTER:
         "SMR_REWRAP_TIME_LIMIT must be below SMR_JOB_LOST_AFTER, or a rewrap job still running "
         "would be taken for lost and started a second time."
     )
+# DP training and privacy audits (the `dp` queue): a run past the soft limit stops, commits the
+# steps it ran to the ledger and fails its job.
+SMR_DP_SOFT_TIME_LIMIT = env_int("SMR_DP_SOFT_TIME_LIMIT", 3 * 3600)
+SMR_DP_TIME_LIMIT = env_int("SMR_DP_TIME_LIMIT", 3 * 3600 + 300)
+if SMR_DP_TIME_LIMIT >= SMR_JOB_LOST_AFTER:
+    raise ImproperlyConfigured(
+        "SMR_DP_TIME_LIMIT must be below SMR_JOB_LOST_AFTER, or a DP job still running would "
+        "be taken for lost (and its steps committed) while it still trains."
+    )
+# Training device of the dp workers: auto (a GPU if torch sees one), cpu or cuda.
+SMR_DP_DEVICE = env("SMR_DP_DEVICE", "auto")
 # Webhooks: each attempt waits SMR_WEBHOOK_TIMEOUT seconds at most; a failed one is retried
 # after SMR_WEBHOOK_BACKOFF * 2**(attempt-1) seconds, up to SMR_WEBHOOK_MAX_ATTEMPTS attempts.
 # Receivers on loopback/private/link-local/reserved addresses are refused (SSRF) unless

@@ -16,7 +16,16 @@ from django.conf import settings
 from django.db import OperationalError
 
 from registry import errors, storage
-from registry.services import audit, janitor, jobs, rotation, scanning, signatures, webhooks
+from registry.services import (
+    audit,
+    dp,
+    janitor,
+    jobs,
+    rotation,
+    scanning,
+    signatures,
+    webhooks,
+)
 
 # What a retry can fix. Anything else is a bug or bad input: retrying would not help.
 TRANSIENT = (OperationalError, errors.StorageUnavailable, errors.KeyServiceUnavailable)
@@ -111,6 +120,42 @@ def version_sign(self: Task, job_id: str) -> str | None:
         return None
     signature = signatures.version_sign(job_id=job)
     return None if signature is None else str(signature.pk)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    # No autoretry: a run that failed has settled its budget claim; a new job starts over.
+    soft_time_limit=settings.SMR_DP_SOFT_TIME_LIMIT,
+    time_limit=settings.SMR_DP_TIME_LIMIT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def dp_retrain(self: Task, job_id: str) -> str | None:
+    """DP-SGD training of a new draft version on a dataset's blocks (the `dp` queue)."""
+    job = _job_uuid(job_id)
+    if job is None:
+        return None
+    return dp.dp_retrain_run(job_id=job)
+
+
+@shared_task(
+    base=JobTask,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    max_retries=3,
+    soft_time_limit=settings.SMR_DP_SOFT_TIME_LIMIT,
+    time_limit=settings.SMR_DP_TIME_LIMIT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def privacy_audit(self: Task, job_id: str) -> dict[str, Any] | None:
+    """Membership-inference audit of a version against its dataset (spends no budget)."""
+    job = _job_uuid(job_id)
+    if job is None:
+        return None
+    return dp.privacy_audit_run(job_id=job)
 
 
 @shared_task(

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from registry.dp import accounting
+
 FORMAT = "smr-dp-v1"
 FAMILIES = ("logreg", "mlp")
 ACTIVATIONS = ("relu", "tanh")
@@ -463,18 +465,16 @@ class TrainParams:
 
 
 def sampling_rate(n_train: int, batch_size: int) -> float:
-    """The Poisson sampling rate Opacus uses: 1 / len(DataLoader(batch_size=batch_size)),
-    i.e. 1 / ceil(n_train / batch_size), which is *not* batch_size / n_train (make_private
-    derives it from the wrapped loader's length). The ledger must account with this value."""
-    if n_train < 1 or batch_size < 1:
-        raise TrainingDataError("n_train and batch_size must be at least 1.")
-    return 1 / -(-n_train // batch_size)
+    """Opacus' Poisson sampling rate (registry.dp.accounting.sampling_rate, torch-free so the
+    web server plans runs with the same number)."""
+    try:
+        return accounting.sampling_rate(n_train, batch_size)
+    except accounting.AccountingError as exc:
+        raise TrainingDataError(str(exc)) from exc
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Batches (= DP-SGD steps) Opacus' Poisson DataLoader yields per epoch: its sampler runs
-    int(1 / sampling_rate) times. That is ceil(n_train / batch_size) except where the float
-    round trip loses one (a loader length of 93, 99, 105, ... yields one batch fewer)."""
+    """Batches (= DP-SGD steps) Opacus' Poisson loader yields per epoch."""
     return int(1 / sampling_rate(n_train, batch_size))
 
 

@@ -38,7 +38,7 @@ from registry.models import (
     VersionState,
     WebhookEvent,
 )
-from registry.services import scanning, signatures, webhooks
+from registry.services import ledger, scanning, signatures, webhooks
 from registry.services.aliases import alias_name_validate
 from registry.services.artifacts import SHREDDED_KEK_ID
 from registry.services.audit import audit_record, audit_target
@@ -48,6 +48,7 @@ from registry.services.audit import audit_record, audit_target
 GATES: dict[str, Callable[[ModelVersion], None]] = {
     "scan_clean": scanning.version_review_gate,
     "publisher_signature": signatures.publisher_signature_gate,
+    "dp_budget": ledger.dp_budget_gate,
 }
 
 POLICY_FIELDS = (

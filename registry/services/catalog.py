@@ -18,6 +18,7 @@ from registry.access import Principal
 from registry.errors import (
     AlreadyExists,
     EmptyVersion,
+    InUse,
     InvalidInput,
     LastAdmin,
     NotFound,
@@ -27,7 +28,9 @@ from registry.errors import (
 from registry.models import (
     Artifact,
     AuditAction,
+    DataBlock,
     Job,
+    LedgerEntry,
     Membership,
     ModelTombstone,
     ModelVersion,
@@ -292,6 +295,16 @@ def model_delete(*, model: RegisteredModel) -> int:
         # Then the versions: an upload registering a file waits on its version row, so it
         # either lands before this delete (and its object is queued below) or finds no version.
         list(ModelVersion.objects.select_for_update().filter(model=model).values_list("pk"))
+        # The DP ledger is append-only and names versions and data files: keep them.
+        if (
+            LedgerEntry.objects.filter(version__model=model).exists()
+            or DataBlock.objects.filter(artifact__version__model=model).exists()
+        ):
+            raise InUse(
+                f"The DP ledger refers to {model.namespace.name}/{model.name} (a version's DP "
+                "record, or a dataset block's data); it cannot be deleted. Deprecate its "
+                "versions instead."
+            )
         keys = list(
             Artifact.objects.filter(version__model=model).values_list("object_key", flat=True)
         )

@@ -47,6 +47,9 @@ JOB_TASKS: dict[str, tuple[str, str]] = {
     JobKind.REWRAP: ("workers.tasks.keys_rewrap", "celery"),
     # Digests only, no artifact bytes: small and quick, beside the housekeeping.
     JobKind.SIGN: ("workers.tasks.version_sign", "celery"),
+    # Training holds its worker for long: its own queue, served by GPU workers where any.
+    JobKind.DP_RETRAIN: ("workers.tasks.dp_retrain", "dp"),
+    JobKind.PRIVACY_AUDIT: ("workers.tasks.privacy_audit", "dp"),
 }
 
 
