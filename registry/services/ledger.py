@@ -59,6 +59,18 @@ DATASET_TAG = "dataset"
 _BLOCK_SOURCE_STATES = (VersionState.PENDING_REVIEW, VersionState.APPROVED)
 
 
+def _audited(value: Any) -> Any:
+    """`value` with its floats as their shortest repr: the audit log's canonical JSON holds
+    no floats (they have no single text form), and repr round-trips exactly."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return {key: _audited(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_audited(item) for item in value]
+    return value
+
+
 def _target(dataset: Dataset, block: str | None = None) -> str:
     base = audit_target(dataset.namespace.name, f"datasets/{dataset.name}")
     return f"{base}/{block}" if block else base
@@ -107,11 +119,13 @@ def dataset_create(
                 action=AuditAction.DATASET_CREATE,
                 namespace=namespace.name,
                 target=_target(dataset),
-                details={
-                    "sensitivity": sensitivity,
-                    "privacy_unit": privacy_unit,
-                    "delta": dataset.delta,
-                },
+                details=_audited(
+                    {
+                        "sensitivity": sensitivity,
+                        "privacy_unit": privacy_unit,
+                        "delta": dataset.delta,
+                    }
+                ),
             )
     except IntegrityError as exc:
         raise AlreadyExists(f"Dataset {name!r} already exists in {namespace.name!r}.") from exc
@@ -171,13 +185,15 @@ def data_block_create(
                 namespace=dataset.namespace.name,
                 target=_target(dataset, name),
                 target_sha256=artifact.sha256 if artifact else "",
-                details={
-                    "epsilon": block.epsilon,
-                    "delta": block.delta,
-                    "accountant": accountant,
-                    "records": records,
-                    "file": artifact.path if artifact else None,
-                },
+                details=_audited(
+                    {
+                        "epsilon": block.epsilon,
+                        "delta": block.delta,
+                        "accountant": accountant,
+                        "records": records,
+                        "file": artifact.path if artifact else None,
+                    }
+                ),
             )
     except IntegrityError as exc:
         raise AlreadyExists(f"Block {name!r} already exists in dataset {dataset.name!r}.") from exc
@@ -446,17 +462,19 @@ def _write(
             action=action,
             namespace=dataset.namespace.name,
             target=_target(dataset, block.name),
-            details={
-                "claim": str(claim),
-                "source": source,
-                "event": event.as_dict(),
-                "accountant": accountant,
-                "epsilon": cost,
-                "delta": dataset.delta,
-                "job": str(job.pk) if job else None,
-                "version": version.number if version else None,
-                "model": version.model.name if version else None,
-            },
+            details=_audited(
+                {
+                    "claim": str(claim),
+                    "source": source,
+                    "event": event.as_dict(),
+                    "accountant": accountant,
+                    "epsilon": cost,
+                    "delta": dataset.delta,
+                    "job": str(job.pk) if job else None,
+                    "version": version.number if version else None,
+                    "model": version.model.name if version else None,
+                }
+            ),
         )
 
 
