@@ -48,7 +48,8 @@ from registry.services.audit import audit_record, audit_target
 from registry.services.pending import pending_discard
 
 
-def _validate(obj: models.Model, *, exclude: list[str] | None = None) -> None:
+def fields_validate(obj: models.Model, *, exclude: list[str] | None = None) -> None:
+    """Model field validation as an InvalidInput (400) naming the fields, not a ValidationError."""
     try:
         obj.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
     except ValidationError as exc:
@@ -67,7 +68,7 @@ def namespace_create(
         raise PermissionDenied("Creating a namespace needs a token with the 'write' scope.")
     name = unicodedata.normalize("NFC", name)
     namespace = Namespace(name=name, description=description, created_by=creator)
-    _validate(namespace, exclude=["created_by"])
+    fields_validate(namespace, exclude=["created_by"])
     try:
         with transaction.atomic():
             namespace.save()
@@ -171,7 +172,7 @@ def model_create(
     model = RegisteredModel(
         namespace=namespace, name=name, description=description, created_by=creator
     )
-    _validate(model, exclude=["namespace", "created_by"])
+    fields_validate(model, exclude=["namespace", "created_by"])
     try:
         with transaction.atomic():
             model.save()

@@ -49,6 +49,7 @@ from registry.models import (
     VersionState,
 )
 from registry.services.audit import audit_record, audit_target
+from registry.services.catalog import fields_validate
 
 # Datasets whose models the DP gate holds to a committed DP record (DESIGN section 5).
 SENSITIVE = frozenset({Sensitivity.CONFIDENTIAL, Sensitivity.RESTRICTED})
@@ -111,7 +112,7 @@ def dataset_create(
         description=description,
         created_by=creator,
     )
-    dataset.full_clean(exclude=["namespace", "created_by"], validate_unique=False)
+    fields_validate(dataset, exclude=["namespace", "created_by"])
     try:
         with transaction.atomic():
             dataset.save()
@@ -176,7 +177,7 @@ def data_block_create(
         records=records,
         created_by=creator,
     )
-    block.full_clean(exclude=["dataset", "artifact", "created_by"], validate_unique=False)
+    fields_validate(block, exclude=["dataset", "artifact", "created_by"])
     try:
         with transaction.atomic():
             block.save()
@@ -539,6 +540,8 @@ def dp_record_declare(
 ) -> uuid.UUID:
     """Register a version trained elsewhere with its DP event: charged like a job (admission
     against every block, then committed at once, since the steps already ran)."""
+    if version.model.namespace_id != dataset.namespace_id:
+        raise InvalidInput("A version can only record runs on its own namespace's datasets.")
     if version.state in (VersionState.REJECTED, VersionState.REVOKED, VersionState.DEPRECATED):
         raise InvalidInput(f"Version {version.number} is {version.state}; nothing to record.")
     with transaction.atomic():

@@ -11,7 +11,6 @@ import threading
 import uuid
 
 import pytest
-from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connection, transaction
 
 from registry.dp import accounting
@@ -640,13 +639,6 @@ def test_dataset_names_are_unique_per_namespace(actors, clinic):
     assert Dataset.objects.get(namespace=actors.acme).sensitivity == "confidential"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValidationError,
-    reason="BUG: ledger.dataset_create and data_block_create call full_clean() unguarded, so "
-    "a bad name raises django's ValidationError instead of InvalidInput (catalog._validate "
-    "converts it)",
-)
 @pytest.mark.parametrize("what", ["dataset", "block"])
 def test_a_bad_name_is_invalid_input(clinic, what):
     with pytest.raises(InvalidInput):
