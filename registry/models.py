@@ -858,7 +858,8 @@ class Dataset(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["namespace", "name"], name="dataset_unique_name"),
+            # Like models: `Digits` and `digits` are one dataset to a person; lookups ignore case.
+            models.UniqueConstraint(Lower("name"), "namespace", name="dataset_unique_name_ci"),
             models.CheckConstraint(
                 condition=models.Q(delta__gt=0) & models.Q(delta__lt=1), name="dataset_delta"
             ),

@@ -748,7 +748,7 @@ def dataset_get_for_user(
     target = f"{namespace}/datasets/{name}"
     ns = namespace_get_for_user(principal=principal, name=namespace, action=action, target=target)
     dataset = (
-        Dataset.objects.filter(namespace=ns, name=name).select_related("created_by").first()
+        Dataset.objects.filter(namespace=ns, name__iexact=name).select_related("created_by").first()
         if _names_ok(name)
         else None
     )

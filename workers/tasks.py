@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from types import ModuleType
 from typing import Any
 
 from celery import Task, shared_task
@@ -53,6 +54,16 @@ class JobTask(Task):
             code, message = "internal_error", f"The job failed ({type(exc).__name__})."
         audit.context_set_system(f"worker:{self.name.rsplit('.', 1)[-1]}")
         jobs.job_fail(job_id=uuid.UUID(str(job_id)), code=code, message=message)
+
+
+def _training_loop() -> ModuleType | None:
+    """The DP training loop, or None on a worker without the dp extra (the job then fails
+    with a message saying what to install)."""
+    try:
+        from workers import training
+    except ImportError:
+        return None
+    return training
 
 
 def _job_uuid(job_id: str) -> uuid.UUID | None:
@@ -136,7 +147,7 @@ def dp_retrain(self: Task, job_id: str) -> str | None:
     job = _job_uuid(job_id)
     if job is None:
         return None
-    return dp.dp_retrain_run(job_id=job)
+    return dp.dp_retrain_run(job_id=job, training=_training_loop())
 
 
 @shared_task(
@@ -155,7 +166,7 @@ def privacy_audit(self: Task, job_id: str) -> dict[str, Any] | None:
     job = _job_uuid(job_id)
     if job is None:
         return None
-    return dp.privacy_audit_run(job_id=job)
+    return dp.privacy_audit_run(job_id=job, training=_training_loop())
 
 
 @shared_task(

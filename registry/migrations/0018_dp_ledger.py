@@ -2,6 +2,7 @@
 
 import django.core.validators
 import django.db.models.deletion
+import django.db.models.functions.text
 from django.conf import settings
 from django.db import migrations, models
 
@@ -374,7 +375,9 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="dataset",
             constraint=models.UniqueConstraint(
-                fields=("namespace", "name"), name="dataset_unique_name"
+                django.db.models.functions.text.Lower("name"),
+                models.F("namespace"),
+                name="dataset_unique_name_ci",
             ),
         ),
         migrations.AddConstraint(

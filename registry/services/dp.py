@@ -11,8 +11,9 @@ a worker killed mid-epoch leaves a durable upper bound of what it spent. Whateve
 (success, a failure, a cancel, or a later delivery finding that the previous worker died),
 the claim is settled with those steps committed and the rest released.
 
-torch, opacus and scikit-learn are an optional extra (`pip install -e '.[dp]'`): only the run
-imports them (registry.dp.training), so the web server never needs them.
+torch, opacus and scikit-learn are an optional extra (`pip install -e '.[dp]'`): the training
+loop is `workers.training`, which only the `dp` worker imports and hands to the run functions
+here (services sit below workers and never import them), so the web server never needs torch.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "batch_size": 64,
     "max_grad_norm": 1.0,
-    "learning_rate": None,  # the family's default (registry.dp.training)
+    "learning_rate": None,  # the family's default (workers.training)
     "holdout_fraction": 0.2,
     "seed": 0,
     "label_column": "label",
@@ -98,7 +99,7 @@ def _number(params: Mapping[str, Any], name: str, low: float, high: float) -> fl
 
 
 def training_records(records: int, holdout_fraction: float) -> tuple[int, int]:
-    """(train, holdout) sizes of a split, as registry.dp.training.table_split makes it."""
+    """(train, holdout) sizes of a split, as workers.training.table_split makes it."""
     holdout = min(max(round(records * holdout_fraction), 1), max(records - 1, 1))
     return records - holdout, holdout
 
@@ -359,14 +360,12 @@ def _settle(job: Job, steps: int, *, version: ModelVersion | None = None, note: 
         )
 
 
-def _load_training() -> Any:
-    try:
-        from registry.dp import training
-    except ImportError as exc:
+def _training_check(training: Any) -> Any:
+    if training is None:
         raise DpJobFailed(
             "This worker cannot train: torch and opacus are not installed. Install the dp "
             "extra (pip install -e '.[dp]') on the workers of the `dp` queue.",
-        ) from exc
+        )
     return training
 
 
@@ -454,8 +453,9 @@ def _device() -> str:
     return device if device in ("cpu", "cuda", "auto") else "auto"
 
 
-def dp_retrain_run(*, job_id: uuid.UUID) -> str | None:
-    """Run a claimed dp_retrain job; returns the new version's number, or None.
+def dp_retrain_run(*, job_id: uuid.UUID, training: Any) -> str | None:
+    """Run a claimed dp_retrain job with the worker's training loop (`workers.training`, or
+    None where torch is missing); returns the new version's number, or None.
 
     A delivery that finds steps recorded by an earlier one (its worker died) does not train
     again: it commits those steps, releases the rest and fails the job.
@@ -493,7 +493,7 @@ def dp_retrain_run(*, job_id: uuid.UUID) -> str | None:
         )
         return None
     try:
-        return _train(job)
+        return _train(job, _training_check(training))
     except BaseException as exc:
         # Whatever stopped it, the steps it started spent privacy: commit them. No error is
         # retried (the task has no autoretry): a retry would train again on a settled claim.
@@ -505,8 +505,7 @@ def dp_retrain_run(*, job_id: uuid.UUID) -> str | None:
         raise
 
 
-def _train(job: Job) -> str | None:
-    training = _load_training()
+def _train(job: Job, training: Any) -> str | None:
     params = job.params
     namespace = job.namespace
     assert namespace is not None
@@ -713,21 +712,20 @@ def model_card(*, model: RegisteredModel, version: ModelVersion, config: Mapping
     )
 
 
-def privacy_audit_run(*, job_id: uuid.UUID) -> dict[str, Any] | None:
+def privacy_audit_run(*, job_id: uuid.UUID, training: Any) -> dict[str, Any] | None:
     """Run a membership-inference audit of a version against its dataset's blocks."""
     audit.context_set_system("worker:privacy_audit")
     job = jobs.job_start(job_id=job_id)
     if job is None:
         return None
     try:
-        return _audit(job)
+        return _audit(job, _training_check(training))
     except RegistryError as exc:
         jobs.job_fail(job_id=job_id, code=exc.code, message=exc.message)
         return None
 
 
-def _audit(job: Job) -> dict[str, Any]:
-    training = _load_training()
+def _audit(job: Job, training: Any) -> dict[str, Any]:
     params = job.params
     namespace = job.namespace
     version = job.version

@@ -606,7 +606,7 @@ def dp_budget_gate(version: ModelVersion) -> None:
     tagged = (version.tags or {}).get(DATASET_TAG)
     if isinstance(tagged, str):
         namespace_id = version.model.namespace_id
-        for dataset in Dataset.objects.filter(namespace_id=namespace_id, name=tagged):
+        for dataset in Dataset.objects.filter(namespace_id=namespace_id, name__iexact=tagged):
             linked.setdefault(dataset.pk, dataset)
     with_commit = {entry.dataset_id for entry in committed}
     for dataset in linked.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from registry.models import Job, JobState, LedgerEntry, ModelVersion, VersionSta
 from registry.services import dp, ledger
 from registry.services.artifacts import Artifact, artifact_open
 from tests.support.dp import digits_dataset
+from workers import training
 
 
 def read(version: ModelVersion, path: str) -> bytes:
@@ -44,7 +46,7 @@ def test_retraining_writes_a_draft_with_its_guarantee_and_commits_the_ledger(act
     assert job.params["n_train"] == 1797 - round(1797 * 0.2)
     assert planned["sampling_rate"] == accounting.sampling_rate(job.params["n_train"], 64)
 
-    assert dp.dp_retrain_run(job_id=job.pk) == "1"
+    assert dp.dp_retrain_run(job_id=job.pk, training=training) == "1"
 
     job.refresh_from_db()
     assert job.state == JobState.SUCCEEDED, job.error_message
@@ -85,10 +87,6 @@ def test_a_cancelled_run_commits_the_steps_it_ran_and_releases_the_rest(actors):
     per_epoch = planned // 6
 
     # The cancel lands while the second epoch runs: the worker stops after it.
-    from registry.dp import training
-
-    real_train = training.train
-
     def train_and_cancel(*args, **kwargs):
         after = kwargs["after_epoch"]
 
@@ -97,13 +95,10 @@ def test_a_cancelled_run_commits_the_steps_it_ran_and_releases_the_rest(actors):
             if done == 2:
                 dp.job_cancel(job=Job.objects.get(pk=job.pk))
 
-        return real_train(*args, **{**kwargs, "after_epoch": after_epoch})
+        return training.train(*args, **{**kwargs, "after_epoch": after_epoch})
 
-    training.train = train_and_cancel
-    try:
-        assert dp.dp_retrain_run(job_id=job.pk) is None
-    finally:
-        training.train = real_train
+    loop = types.SimpleNamespace(**{**vars(training), "train": train_and_cancel})
+    assert dp.dp_retrain_run(job_id=job.pk, training=loop) is None
     job.refresh_from_db()
     assert job.state == JobState.CANCELLED
     kinds = {e.kind: e.steps for e in LedgerEntry.objects.filter(job=job)}
@@ -119,13 +114,13 @@ def test_a_redelivery_after_a_dead_worker_commits_what_it_had_started(actors):
     Job.objects.filter(pk=job.pk).update(
         state=JobState.RUNNING, attempts=1, result={"epoch": 1, "steps_started": 46}
     )
-    assert dp.dp_retrain_run(job_id=job.pk) is None
+    assert dp.dp_retrain_run(job_id=job.pk, training=training) is None
     job.refresh_from_db()
     assert (job.state, job.error_code) == (JobState.FAILED, "worker_lost")
     kinds = {e.kind: e.steps for e in LedgerEntry.objects.filter(job=job)}
     assert kinds == {"claim": planned, "commit": 46, "release": planned - 46}
     # A third delivery changes nothing.
-    assert dp.dp_retrain_run(job_id=job.pk) is None
+    assert dp.dp_retrain_run(job_id=job.pk, training=training) is None
     assert LedgerEntry.objects.filter(job=job).count() == 3
 
 
@@ -150,7 +145,7 @@ def test_a_block_whose_file_does_not_hold_its_declared_records_trains_nothing(ac
         params={"noise_multiplier": 1.0},
         creator=actors.users["alice"],
     )
-    assert dp.dp_retrain_run(job_id=job.pk) is None
+    assert dp.dp_retrain_run(job_id=job.pk, training=training) is None
     job.refresh_from_db()
     assert job.state == JobState.FAILED and "1000 records" in job.error_message
     kinds = [e.kind for e in LedgerEntry.objects.filter(job=job).order_by("id")]
@@ -160,7 +155,7 @@ def test_a_block_whose_file_does_not_hold_its_declared_records_trains_nothing(ac
 def test_retraining_from_a_base_version_and_auditing_it(actors):
     dataset = digits_dataset(actors, epsilon=20)
     first = retrain(actors, dataset, noise_multiplier=1.0, family="mlp", hidden=[32])
-    assert dp.dp_retrain_run(job_id=first.pk) == "1"
+    assert dp.dp_retrain_run(job_id=first.pk, training=training) == "1"
     base = ModelVersion.objects.get(model__name="digits-dp", number=1)
     second = dp.dp_retrain_create(
         namespace=actors.acme,
@@ -171,7 +166,7 @@ def test_retraining_from_a_base_version_and_auditing_it(actors):
         params={"noise_multiplier": 1.0, "family": "mlp", "hidden": [32], "epochs": 2},
         creator=actors.users["alice"],
     )
-    assert dp.dp_retrain_run(job_id=second.pk) == "2"
+    assert dp.dp_retrain_run(job_id=second.pk, training=training) == "2"
     # A base of another shape is refused before any step runs.
     third = dp.dp_retrain_create(
         namespace=actors.acme,
@@ -182,7 +177,7 @@ def test_retraining_from_a_base_version_and_auditing_it(actors):
         params={"noise_multiplier": 1.0, "family": "logreg", "epochs": 1},
         creator=actors.users["alice"],
     )
-    assert dp.dp_retrain_run(job_id=third.pk) is None
+    assert dp.dp_retrain_run(job_id=third.pk, training=training) is None
     third.refresh_from_db()
     assert third.state == JobState.FAILED and "Base version 1" in third.error_message
     assert [e.kind for e in LedgerEntry.objects.filter(job=third).order_by("id")] == [
@@ -198,7 +193,7 @@ def test_retraining_from_a_base_version_and_auditing_it(actors):
         params={},
         creator=actors.users["bob"],
     )
-    result = dp.privacy_audit_run(job_id=audit_job.pk)
+    result = dp.privacy_audit_run(job_id=audit_job.pk, training=training)
     assert result is not None
     assert 0.0 <= result["membership_inference"]["auc"] <= 1.0
     assert result["accuracy"] > 0.5
@@ -222,3 +217,13 @@ def test_over_budget_retraining_is_refused_before_anything_is_queued(actors):
     assert refused.value.extra["block"] == "b1" and refused.value.extra["cap_epsilon"] == 3.0
     assert Job.objects.count() == before
     assert uuid.UUID(Job.objects.get(kind="dp_retrain").params["claim"])
+
+
+def test_a_worker_without_torch_fails_the_job_and_releases_its_claim(actors):
+    dataset = digits_dataset(actors)
+    job = retrain(actors, dataset, noise_multiplier=1.0)
+    assert dp.dp_retrain_run(job_id=job.pk, training=None) is None
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "pip install -e '.[dp]'" in job.error_message
+    kinds = [e.kind for e in LedgerEntry.objects.filter(job=job).order_by("id")]
+    assert kinds == ["claim", "release"]

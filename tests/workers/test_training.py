@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
 datasets = pytest.importorskip("sklearn.datasets")
 
-from registry.dp.training import (  # noqa: E402
+from workers.training import (  # noqa: E402
     ModelSpec,
     Table,
     TrainingDataError,
