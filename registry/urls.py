@@ -1,7 +1,8 @@
+from csp.decorators import csp_update
 from django.db import connection
 from django.http import JsonResponse
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from api.errors import RETRY_AFTER
 from registry import storage
@@ -38,7 +39,16 @@ urlpatterns = [
     path("readyz", readyz),
     path("api/v1/", include("api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    # The split view serves Swagger UI's start-up script as a file (no inline script); its
+    # widgets still set inline styles, allowed on this page only.
+    path(
+        "api/docs/",
+        csp_update({"style-src": ["'unsafe-inline'"]})(
+            SpectacularSwaggerSplitView.as_view(url_name="schema")
+        ),
+        name="docs",
+    ),
+    path("", include("registry.dashboard.urls")),
 ]
 
 handler400 = "api.errors.handler400"
