@@ -1,0 +1,7 @@
+"""The audit log: filters, cursor pages, verify now, export."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern
+
+urlpatterns: list[URLPattern] = []

@@ -1,0 +1,7 @@
+"""The review queue across the reviewer's namespaces."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern
+
+urlpatterns: list[URLPattern] = []
