@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -621,3 +622,22 @@ def dp_budget_gate(version: ModelVersion) -> None:
                 dataset=budget.block.dataset.name,
                 block=budget.block.name,
             )
+
+
+def spend_history_of(blocks: Sequence[DataBlock]) -> dict[int, list[tuple[datetime, float]]]:
+    """Each block's epsilon spent after each of its commits, oldest first, by block id.
+
+    Every point recomposes the block's commits up to and including that one with the block's
+    accountant at the block's delta (never a running sum: composition is not additive), so the
+    last point is what `BlockBudget.spent()` reports. One query for all the blocks.
+    """
+    by_id = {block.pk: block for block in blocks}
+    events: dict[int, list[DpEvent]] = defaultdict(list)
+    history: dict[int, list[tuple[datetime, float]]] = {pk: [] for pk in by_id}
+    commits = LedgerEntry.objects.filter(block__in=list(by_id), kind=LedgerKind.COMMIT)
+    for entry in commits.order_by("id"):
+        block = by_id[entry.block_id]
+        events[block.pk].append(_event_of(entry))
+        spent = accounting.epsilon(events[block.pk], delta=block.delta, accountant=block.accountant)
+        history[block.pk].append((entry.created_at, spent))
+    return history
