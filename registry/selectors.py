@@ -29,6 +29,7 @@ from registry.models import (
     AuditEvent,
     Dataset,
     Job,
+    JobKind,
     LedgerEntry,
     Membership,
     ModelAlias,
@@ -784,3 +785,17 @@ def job_get_for_cancel(*, principal: Principal, job_id: uuid.UUID) -> Job:
         return job
     _denied(principal, job.namespace, Action.WRITE, f"jobs/{job.pk}", reason="not the job's owner")
     raise PermissionDenied("Only the job's creator or a namespace admin can cancel it.")
+
+
+def dataset_job_list_for_user(*, principal: Principal, dataset: Dataset) -> QuerySet[Job]:
+    """The DP jobs (retraining, privacy audits) run on `dataset`, newest first, for a caller
+    who may read its namespace (`dataset` comes from dataset_get_for_user)."""
+    return (
+        job_list_for_user(principal=principal)
+        .filter(
+            namespace_id=dataset.namespace_id,
+            kind__in=[JobKind.DP_RETRAIN, JobKind.PRIVACY_AUDIT],
+            params__dataset=dataset.name,
+        )
+        .order_by("-created_at")
+    )
