@@ -24,12 +24,14 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from registry.access import Principal
-from registry.models import Artifact, Job, JobKind, Signature, VersionState
+from registry.models import Artifact, Dataset, Job, JobKind, Signature, VersionState
 from registry.services import (
     aliases,
     approvals,
     artifacts,
     catalog,
+    dp,
+    ledger,
     scanning,
     signatures,
     tokens,
@@ -43,6 +45,8 @@ NS = f"{API}/namespaces/{{ns}}"
 M = f"{NS}/models/{{model}}"
 V = f"{M}/versions/{{number}}"
 U = f"{V}/uploads/{{upload_id}}"
+D = f"{NS}/datasets/{{dataset}}"
+CANCEL = f"{API}/jobs/{{job_id}}/cancel"
 
 DRAFT, PENDING, APPROVED = VersionState.DRAFT, VersionState.PENDING_REVIEW, VersionState.APPROVED
 QUARANTINED, REVOKED = VersionState.QUARANTINED, VersionState.REVOKED
@@ -112,7 +116,18 @@ ROOTS_DRAFT, ROOTS_PENDING = "root's draft", "root's pending_review"
 OWNER = {ROOTS_DRAFT: "root", ROOTS_PENDING: "root"}
 # The approved version reached through its alias (`.../versions/production/...`).
 VIA_ALIAS = "approved via alias"
-STATE_OF = {ROOTS_DRAFT: DRAFT, ROOTS_PENDING: PENDING, VIA_ALIAS: APPROVED}
+# POST /jobs: the body's kind decides the action. dp_retrain writes to the namespace; a
+# privacy_audit downloads the version it attacks (so a viewer may audit released versions only).
+RETRAIN, AUDIT_APPROVED = "dp_retrain", "privacy_audit of approved"
+AUDIT_DRAFT = "privacy_audit of alice's draft"
+JOB_ACTION = {RETRAIN: "write", AUDIT_APPROVED: "download", AUDIT_DRAFT: "download"}
+STATE_OF = {
+    ROOTS_DRAFT: DRAFT,
+    ROOTS_PENDING: PENDING,
+    VIA_ALIAS: APPROVED,
+    AUDIT_APPROVED: APPROVED,
+    AUDIT_DRAFT: DRAFT,
+}
 PROTECTED, UNPROTECTED = "production", "staging"  # the default policy protects production
 # Alias cases: "<alias>-><state of the version it is pointed at>".
 ALIAS_PUT_OBJECTS = (
@@ -123,6 +138,19 @@ ALIAS_PUT_OBJECTS = (
 # A webhook of acme, named through acme, or through evil (mallory's namespace): BOLA by id.
 HOOK, HOOK_VIA_EVIL = "acme's webhook", "acme's webhook via /namespaces/evil"
 HOOK_URL = "http://127.0.0.1:9/hook"  # loopback: SMR_WEBHOOK_ALLOW_PRIVATE in the fixture
+# acme's dataset named through evil, and a dp_retrain job in evil naming acme's dataset: every
+# dataset lookup is scoped to the namespace of the path or body (BOLA by name).
+DATASET, DATASET_VIA_EVIL = "acme's dataset", "acme's dataset via /namespaces/evil"
+RETRAIN_VIA_EVIL = "dp_retrain in evil naming acme's dataset"
+VIA_EVIL = {HOOK_VIA_EVIL, DATASET_VIA_EVIL, RETRAIN_VIA_EVIL}
+BLOCK = "b0"
+# Tiny DP events: the shared block's cap holds every admitted case of a test.
+EVENT = {"sampling_rate": 0.01, "noise_multiplier": 2.0, "steps": 10, "max_grad_norm": 1.0}
+RETRAIN_PARAMS = {"noise_multiplier": 2.0, "epochs": 1, "batch_size": 10}
+# Jobs to cancel: queued dp_retrain jobs (they hold a claim) of alice and of root, and
+# alice's scan job, which already finished (a 409 for those who may cancel it).
+ALICES_JOB, ROOTS_JOB, FINISHED_JOB = "alice's queued job", "root's queued job", "finished job"
+JOB_CREATOR = {ALICES_JOB: "alice", ROOTS_JOB: "root", FINISHED_JOB: "alice"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +159,8 @@ class Rule:
 
     kind: "ns" (needs `action` in acme), "scope" (any signed-in user whose token holds
     `scope`), "self" (any signed-in user, their own things), "public", "audit_log" (admins
-    and auditors of some namespace), "verifier" (auditors and superusers only).
+    and auditors of some namespace), "verifier" (auditors and superusers only), "cancel" (a
+    job's creator, or an admin of its namespace).
     states: the representative versions to call it on (None: not about one version).
     ok_states: the states in which it succeeds; elsewhere it is a 409 (None: all of them).
     fresh: it changes its object, so each case gets a new one.
@@ -239,6 +268,31 @@ RULES: dict[tuple[str, str], Rule] = {
     ),
     ("GET", f"{NS}/policy"): Rule("ns", 200, action="manage"),
     ("PATCH", f"{NS}/policy"): Rule("ns", 200, action="manage"),
+    ("GET", f"{NS}/datasets"): Rule("ns", 200, action="read"),
+    # Datasets and their blocks (caps, accountants) are the admins'; reading them is a member's.
+    ("POST", f"{NS}/datasets"): Rule("ns", 201, action="manage"),
+    ("GET", D): Rule("ns", 200, action="read", states=(DATASET, DATASET_VIA_EVIL)),
+    ("GET", f"{D}/blocks"): Rule("ns", 200, action="read"),
+    ("POST", f"{D}/blocks"): Rule("ns", 201, action="manage"),
+    ("GET", f"{D}/ledger"): Rule("ns", 200, action="read"),
+    # A preview reserves nothing: any reader, auditors and viewers included.
+    ("POST", f"{D}/ledger/preview"): Rule("ns", 200, action="read"),
+    ("GET", f"{D}/budget"): Rule("ns", 200, action="read", states=(DATASET, DATASET_VIA_EVIL)),
+    # A declared DP record is a write to the version: its owner's and the admins'. Once per
+    # version (fresh); refused on revoked versions (nothing to record).
+    ("POST", f"{V}/dp-record"): Rule(
+        "ns",
+        201,
+        action="write",
+        states=(*STATES, ROOTS_DRAFT),
+        ok_states=frozenset(set(STATES) - {REVOKED}),
+        fresh=True,
+    ),
+    # The body names the namespace: its kind decides the action (JOB_ACTION).
+    ("POST", f"{API}/jobs"): Rule(
+        "ns", 202, action="read", states=(RETRAIN, AUDIT_APPROVED, AUDIT_DRAFT, RETRAIN_VIA_EVIL)
+    ),
+    ("POST", CANCEL): Rule("cancel", 200, states=(ALICES_JOB, ROOTS_JOB, FINISHED_JOB), fresh=True),
     ("GET", f"{API}/tokens"): Rule("self", 200),
     ("POST", f"{API}/tokens"): Rule("self", 201),
     # "own": another token of the caller; "carol's": a token of someone else (404 to others).
@@ -248,9 +302,29 @@ RULES: dict[tuple[str, str], Rule] = {
 }
 
 # (method, path, caller, object) -> (the correct status, why the server's answer is wrong).
-# Empty: the one bug this matrix found (contributors and reviewers downloading every unreleased
+# The first bug this matrix found (contributors and reviewers downloading every unreleased
 # version) is fixed in selectors.version_get_for_user.
-KNOWN_BUGS: dict[tuple[str, str, str, str], tuple[int, str]] = {}
+WRITE_ONLY = (
+    "BUG: a write-only token is refused a write: the view also looks the dataset (or the job) "
+    "up with Action.READ, which needs the read scope (api/datasets.py, selectors."
+    "job_get_for_cancel)"
+)
+REVOKED_400 = (
+    "BUG: ledger.dp_record_declare answers a revoked version with 400 invalid_input; a state "
+    "conflict is a 409 (DESIGN section 10)"
+)
+KNOWN_BUGS: dict[tuple[str, str, str, str], tuple[int, str]] = {
+    ("POST", f"{API}/jobs", "alice:write", RETRAIN): (202, WRITE_ONLY),
+    ("POST", CANCEL, "alice:write", ALICES_JOB): (200, WRITE_ONLY),
+    ("POST", CANCEL, "alice:write", FINISHED_JOB): (409, WRITE_ONLY),
+    **{
+        ("POST", f"{V}/dp-record", "alice:write", state): (201, WRITE_ONLY)
+        for state in (DRAFT, PENDING, APPROVED, QUARANTINED)
+    },
+    ("POST", f"{V}/dp-record", "alice:write", REVOKED): (409, f"{WRITE_ONLY}; {REVOKED_400}"),
+    ("POST", f"{V}/dp-record", "alice", REVOKED): (409, REVOKED_400),
+    ("POST", f"{V}/dp-record", "root", REVOKED): (409, REVOKED_400),
+}
 
 
 def schema_operations() -> set[tuple[str, str]]:
@@ -275,14 +349,17 @@ def expected(rule: Rule, caller: Caller, obj: str) -> int:
     if rule.kind == "verifier":
         ok = caller.auditor_anywhere or caller.superuser
         return rule.ok if caller.has("read") and ok else 403
+    if rule.kind == "cancel":
+        return _expected_cancel(rule, caller, obj)
     assert rule.kind == "ns", rule
     if caller.superuser and "{job_id}" in template_of(rule):
         return rule.ok if caller.has("read") else 403
-    if caller.role is None or obj == HOOK_VIA_EVIL:
-        # Not a member: acme's objects do not exist for them. Through evil's path, acme's
-        # webhook does not exist for anyone, evil's own admin included.
+    if caller.role is None or obj in VIA_EVIL:
+        # Not a member: acme's objects do not exist for them. Through evil, acme's webhook
+        # or dataset does not exist for anyone, evil's own admin included.
         return 404
-    if rule.action not in ROLE_MAY[caller.role] or not caller.has(SCOPE_OF[rule.action]):
+    action = JOB_ACTION.get(obj, rule.action)
+    if action not in ROLE_MAY[caller.role] or not caller.has(SCOPE_OF[action]):
         return 403
     if "->" in obj or obj in (PROTECTED, UNPROTECTED):  # aliases
         alias, _, state = obj.partition("->")
@@ -292,7 +369,7 @@ def expected(rule: Rule, caller: Caller, obj: str) -> int:
         return rule.ok if state in ("", APPROVED) else 409
     owner = caller.user == OWNER.get(obj, "alice")
     owner_or_admin = caller.role == "admin" or owner
-    if rule.action == "download":
+    if action == "download":
         # Viewers get released versions, contributors also their own drafts, reviewers also
         # what is pending review; a quarantined version's bytes are its owner's and admins'.
         state = STATE_OF.get(obj, obj)
@@ -314,6 +391,18 @@ def expected(rule: Rule, caller: Caller, obj: str) -> int:
 
 def template_of(rule: Rule) -> str:
     return next(key[1] for key, r in RULES.items() if r is rule)
+
+
+def _expected_cancel(rule: Rule, caller: Caller, obj: str) -> int:
+    """A job's creator cancels it with the write scope, a namespace admin with the admin
+    scope; operators see every job but cancel only registry-wide ones (none here)."""
+    if caller.role is None and not caller.superuser:
+        return 404
+    own = caller.user == JOB_CREATOR[obj] and caller.role in ("contributor", "admin")
+    may = (own and caller.has("write")) or (caller.role == "admin" and caller.has("admin"))
+    if not may:
+        return 403
+    return 409 if obj == FINISHED_JOB else rule.ok
 
 
 def _expected_self(rule: Rule, caller: Caller, obj: str) -> int:
@@ -356,12 +445,49 @@ class World:
         catalog.model_create(namespace=self.acme, name=self.model, creator=self.users["alice"])
         self.counter = itertools.count()
         self._versions: dict[str, Any] = {}
+        self._dataset: Dataset | None = None
         # Every answer is checked for its signing secret: it is shown once, at creation.
         self.hook, self.hook_secret = self.webhook()
 
     def webhook(self):
         return webhooks.webhook_create(
             namespace=self.acme, url=HOOK_URL, events=["version.approved"], creator=None
+        )
+
+    def dataset(self) -> Dataset:
+        """acme's confidential dataset `census`, with one block on a file of a submitted
+        version (admission needs a file and a record count; it never reads the bytes)."""
+        if self._dataset is None:
+            data = self.version(PENDING, model="digits-data")
+            root = self.users["root"]
+            self._dataset = ledger.dataset_create(
+                namespace=self.acme,
+                name="census",
+                sensitivity="confidential",
+                delta=1e-5,
+                creator=root,
+            )
+            ledger.data_block_create(
+                dataset=self._dataset,
+                name=BLOCK,
+                epsilon=1000.0,
+                accountant="rdp",
+                artifact=Artifact.objects.get(version=data),
+                records=1000,
+                creator=root,
+            )
+        return self._dataset
+
+    def retrain_job(self, creator: str) -> Job:
+        """A queued dp_retrain job of `creator` (no worker runs here), holding its claim."""
+        return dp.dp_retrain_create(
+            namespace=self.acme,
+            dataset=self.dataset(),
+            blocks=[BLOCK],
+            model_name=self.model,
+            base_version=None,
+            params=RETRAIN_PARAMS,
+            creator=self.users[creator],
         )
 
     def alias(self, name: str, version) -> None:
@@ -534,8 +660,33 @@ def prepare(world: World, method: str, template: str, rule: Rule, caller: Caller
         ).key_id
     if "{signature_id}" in template:
         params["signature_id"] = Signature.objects.get(version=version).pk
-    if "{job_id}" in template:
+    if template == CANCEL:
+        job = world.shared(PENDING).scan_job if obj == FINISHED_JOB else None
+        params["job_id"] = (job or world.retrain_job(JOB_CREATOR[obj])).pk
+    elif "{job_id}" in template:
         params["job_id"] = world.shared(PENDING).scan_job_id
+    if "{dataset}" in template:
+        params.update(
+            dataset=world.dataset().name, ns="evil" if obj == DATASET_VIA_EVIL else "acme"
+        )
+    if m == ("POST", f"{NS}/datasets"):
+        call.data = {"name": world.fresh_name("d"), "sensitivity": "internal", "delta": 1e-5}
+    elif m == ("POST", f"{D}/blocks"):
+        call.data = {"name": world.fresh_name("b"), "epsilon": 1.0, "accountant": "rdp"}
+    elif m == ("POST", f"{D}/ledger/preview"):
+        call.data = {"blocks": [BLOCK], "event": EVENT}
+    elif m == ("POST", f"{V}/dp-record"):
+        call.data = {"dataset": world.dataset().name, "blocks": [BLOCK], "event": EVENT}
+    elif m == ("POST", f"{API}/jobs"):
+        call.data = {
+            "namespace": "evil" if obj == RETRAIN_VIA_EVIL else "acme",
+            "dataset": world.dataset().name,
+            "model": model,
+        }
+        if version is None:
+            call.data.update(kind="dp_retrain", **RETRAIN_PARAMS)
+        else:
+            call.data.update(kind="privacy_audit", version=version.number)
     call.path = template.format(**params)
     return call
 
