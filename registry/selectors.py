@@ -13,16 +13,25 @@ from datetime import datetime
 
 from django.contrib.auth.models import User
 from django.db.models import (
+    Case,
     Exists,
+    F,
+    Func,
     OuterRef,
+    Q,
     QuerySet,
+    Subquery,
+    Value,
+    When,
 )
 from django.db.models.fields.json import KT
+from django.db.models.functions import Coalesce, Greatest
 
 from registry import joinload
 from registry.access import Action, Principal, principal_allows
 from registry.errors import NotFound, PermissionDenied, VersionQuarantined, VersionRevoked
 from registry.models import (
+    SEVERITY_CHOICES,
     ApiToken,
     Artifact,
     AuditCheckpoint,
@@ -40,6 +49,7 @@ from registry.models import (
     Review,
     Role,
     ScanReport,
+    ScanVerdict,
     Signature,
     TokenScope,
     UploadSession,
@@ -799,3 +809,127 @@ def dataset_job_list_for_user(*, principal: Principal, dataset: Dataset) -> Quer
         )
         .order_by("-created_at")
     )
+
+
+# --- The dashboard's overviews: home and the review queue --------------------------------------
+
+
+def membership_list_for_user(*, principal: Principal) -> QuerySet[Membership]:
+    """The caller's own memberships (namespace and role), by namespace name."""
+    if not principal.has_scope(TokenScope.READ):
+        raise PermissionDenied("Listing namespaces needs a token with the 'read' scope.")
+    return (
+        Membership.objects.filter(user=principal.user)
+        .select_related("namespace")
+        .order_by("namespace__name")
+    )
+
+
+def _namespace_ids_allowing(principal: Principal, action: Action) -> list[int]:
+    return [
+        m.namespace_id
+        for m in Membership.objects.filter(user=principal.user).only("namespace_id", "role")
+        if principal_allows(principal, m.role, action)
+    ]
+
+
+def version_recent_for_user(*, principal: Principal, limit: int = 20) -> list[ModelVersion]:
+    """The versions of the caller's namespaces that changed last (created, submitted or
+    approved), newest change first, each with `changed_at`."""
+    readable = _namespace_ids_allowing(principal, Action.READ)
+    changed = Greatest(
+        "created_at",
+        Coalesce("submitted_at", "created_at"),
+        Coalesce("approved_at", "created_at"),
+    )
+    return list(
+        ModelVersion.objects.filter(model__namespace_id__in=readable)
+        .annotate(changed_at=changed)
+        .select_related("model__namespace", "created_by")
+        .order_by("-changed_at", "-pk")[:limit]
+    )
+
+
+def version_list_awaiting_owner_for_user(*, principal: Principal) -> QuerySet[ModelVersion]:
+    """The caller's own versions (created or submitted by them) still scanning or quarantined,
+    in namespaces they may read, oldest first."""
+    readable = _namespace_ids_allowing(principal, Action.READ)
+    user = principal.user
+    return (
+        ModelVersion.objects.filter(
+            model__namespace_id__in=readable,
+            state__in=[VersionState.SCANNING, VersionState.QUARANTINED],
+        )
+        .filter(Q(created_by=user) | Q(submitted_by=user))
+        .select_related("model__namespace")
+        .order_by("created_at", "pk")
+    )
+
+
+def _count(qs: QuerySet) -> Coalesce:
+    # A correlated COUNT per row, rather than joins that multiply each other's rows.
+    return Coalesce(
+        Subquery(qs.order_by().annotate(n=Func(F("pk"), function="COUNT")).values("n")), 0
+    )
+
+
+_SEVERITY_RANK = Case(
+    *[When(max_severity=name, then=Value(rank)) for rank, (name, _) in enumerate(SEVERITY_CHOICES)],
+    default=Value(-1),
+)
+
+
+def review_queue_for_user(*, principal: Principal) -> QuerySet[ModelVersion]:
+    """Versions pending review that the caller may review now, oldest submission first: in the
+    namespaces where their role and token allow reviewing, not reviewed by them yet, and not
+    their own uploads unless the namespace allows self-review (approvals.uploader_q, the rule
+    review_record applies). Each carries `file_count`, `flagged_files` (files in which its
+    deciding scan found something) and `worst_severity` (the highest one found, or "")."""
+    from registry.services import approvals  # approvals imports this module
+
+    user = principal.user
+    reviewable = _namespace_ids_allowing(principal, Action.REVIEW)
+    reports = ScanReport.objects.filter(job_id=OuterRef("scan_job_id"))
+    worst = (
+        reports.exclude(max_severity="")
+        .annotate(rank=_SEVERITY_RANK)
+        .order_by("-rank")
+        .values("max_severity")[:1]
+    )
+    return (
+        ModelVersion.objects.filter(
+            model__namespace_id__in=reviewable, state=VersionState.PENDING_REVIEW
+        )
+        .exclude(approvals.uploader_q(user) & Q(model__namespace__allow_self_review=False))
+        .exclude(Exists(Review.objects.filter(version=OuterRef("pk"), reviewer=user)))
+        .annotate(
+            file_count=_count(Artifact.objects.filter(version=OuterRef("pk"))),
+            flagged_files=_count(reports.exclude(verdict=ScanVerdict.CLEAN)),
+            worst_severity=Coalesce(Subquery(worst), Value("")),
+        )
+        .select_related("model__namespace", "submitted_by")
+        .order_by("submitted_at", "pk")
+    )
+
+
+def version_download_allowed(*, principal: Principal, version: ModelVersion) -> bool:
+    """Whether the caller may fetch the files of `version` (already read through a selector):
+    the rule version_get_for_user applies to Action.DOWNLOAD, without auditing anything. For
+    showing download controls only: downloads themselves go through artifact_get_for_user."""
+    if version.state == VersionState.REVOKED:
+        return False
+    role = role_for(principal=principal, namespace=version.model.namespace)
+    if not principal_allows(principal, role, Action.DOWNLOAD):
+        return False
+    return version.state in RELEASED_STATES or _may_download_unreleased(principal, version, role)
+
+
+def audit_readable_for_namespace(*, principal: Principal, namespace: Namespace) -> bool:
+    """Whether the caller may read `namespace`'s audit events (audit_event_list_for_user's
+    rule: superusers, and the namespace's auditors and admins)."""
+    if not principal.has_scope(TokenScope.READ):
+        return False
+    if principal.user.is_superuser:
+        return True
+    role = role_for(principal=principal, namespace=namespace)
+    return principal_allows(principal, role, Action.AUDIT)

@@ -145,3 +145,13 @@ def alias_delete(*, principal: Principal, model: RegisteredModel, name: str) -> 
             target=_alias_target(model, name),
             details={"alias": name, "from": before, "to": None},
         )
+
+
+def alias_change_allowed(*, principal: Principal, model: RegisteredModel, name: str) -> bool:
+    """Whether the caller may move or delete alias `name` of `model`: the `review` action the
+    API checks on the model, and the namespace's `manage` action for a protected alias (the
+    rule of `_protected_check`). For showing controls only: alias_set and alias_delete decide."""
+    namespace = model.namespace
+    role = selectors.role_for(principal=principal, namespace=namespace)
+    needed = Action.MANAGE if name in namespace.protected_aliases else Action.REVIEW
+    return principal_allows(principal, role, needed)

@@ -13,8 +13,11 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from registry import selectors
+from registry.access import Action, Principal, principal_allows
 from registry.errors import (
     AlreadyReviewed,
     InvalidInput,
@@ -284,3 +287,31 @@ def _lock(version: ModelVersion) -> ModelVersion:
 
 def _target(version: ModelVersion) -> str:
     return audit_target(version.model.namespace.name, version.model.name, version.number)
+
+
+def uploader_q(user: User) -> Q:
+    """The versions `user` counts as an uploader of, as a ModelVersion filter: the rule of
+    `_is_uploader` (creator, submitter, or the uploader of any of its files), for listings
+    such as the review queue."""
+    return (
+        Q(created_by=user)
+        | Q(submitted_by=user)
+        | Q(Exists(Artifact.objects.filter(version=OuterRef("pk"), created_by=user)))
+    )
+
+
+def review_allowed(*, principal: Principal, version: ModelVersion) -> bool:
+    """Whether the caller may review `version` now, by the rules `review_record` and the
+    `review` action check in front of it apply: their role and token allow reviewing in its
+    namespace, it is pending review, they have not reviewed it yet, and it is not their own
+    upload unless the policy allows self-review. For showing a review control only: the
+    service decides (gates included) when the review is recorded."""
+    namespace = version.model.namespace
+    role = selectors.role_for(principal=principal, namespace=namespace)
+    if not principal_allows(principal, role, Action.REVIEW):
+        return False
+    if version.state != VersionState.PENDING_REVIEW:
+        return False
+    if not namespace.allow_self_review and _is_uploader(version, principal.user):
+        return False
+    return not Review.objects.filter(version=version, reviewer=principal.user).exists()
