@@ -9,8 +9,10 @@ umask 077
 BIN=.venv/bin
 VAR="${SMR_VAR_DIR:-var}"
 mkdir -p "$VAR/celery"
-# One worker consumes every queue here: `celery` (periodic housekeeping), `scan` and `webhooks`.
-"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan,webhooks \
+# One worker consumes every queue here: `celery` (periodic housekeeping), `scan`, `webhooks`
+# and `dp` (DP training, which holds this one worker until it ends). `make run` installs no
+# torch: a dp job then fails with a message naming the extra to install (pip install -e '.[dp]').
+"$BIN/celery" -A workers.app worker --beat --pool solo --loglevel warning -Q celery,scan,webhooks,dp \
   --schedule "$VAR/celery/beat-schedule" >"$VAR/celery/worker.log" 2>&1 &
 worker=$!
 echo "Celery worker (pid $worker) logs to $VAR/celery/worker.log"

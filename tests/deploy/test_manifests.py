@@ -18,7 +18,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SETTINGS = ROOT / "registry" / "settings.py"
 
-APP_COMPONENTS = ("web", "worker", "worker-scan", "beat", "migrate")
+APP_COMPONENTS = ("web", "worker", "worker-scan", "worker-dp", "beat", "migrate")
 CHECKED_PREFIXES = ("SMR_", "S3_", "KMS_", "DATABASE_", "SECRET_")
 PLACEHOLDER = "CHANGE-ME"
 
@@ -54,6 +54,7 @@ def app_workloads() -> dict[str, dict]:
         "web": find("Deployment", "smr-web"),
         "worker": find("Deployment", "smr-worker"),
         "worker-scan": find("Deployment", "smr-worker-scan"),
+        "worker-dp": find("Deployment", "smr-worker-dp"),
         "beat": find("Deployment", "smr-beat"),
         "migrate": find("Job", "smr-migrate"),
     }
@@ -192,14 +193,25 @@ def test_app_pods_are_locked_down(component: str) -> None:
 
 
 def test_app_workloads_share_one_image_and_config() -> None:
+    """Every role runs one image, but the dp workers: the same repository name with `-dp`
+    (the dp extra's build) at the same tag, which kustomize's `images:` sets for both."""
     images = set()
     for component, doc in app_workloads().items():
         spec = pod_spec(doc)
         for container in spec.get("initContainers", []) + spec["containers"]:
-            images.add(container["image"])
+            image = container["image"]
+            if component == "worker-dp":
+                name, _, tag = image.rpartition(":")
+                assert name.endswith("-dp"), image
+                image = f"{name.removesuffix('-dp')}:{tag}"
+            images.add(image)
             refs = [e["configMapRef"]["name"] for e in container.get("envFrom", [])]
             assert refs == ["smr-config"], component
     assert len(images) == 1
+    name, _, tag = images.pop().rpartition(":")
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    tags = {entry["name"]: entry["newTag"] for entry in kustomization["images"]}
+    assert tags == {name: tag, f"{name}-dp": tag}, "tag both images from one commit"
 
 
 def test_selectors_match_pod_labels() -> None:
@@ -257,9 +269,58 @@ def test_one_worker_deployment_per_queue() -> None:
         queue = queue_of(container["command"])
         assert "," not in queue, f"{name} consumes several queues: {queue}"
         queues[queue] = name
-    assert set(queues) == settings_queues() == {"celery", "scan", "webhooks"}
+    assert set(queues) == settings_queues() == {"celery", "scan", "webhooks", "dp"}
     assert queues["scan"] == "smr-worker-scan"
     assert queues["webhooks"] == "smr-worker-webhooks"
+    assert queues["dp"] == "smr-worker-dp"
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_dp_workers_train_one_job_at_a_time_on_a_gpu_node() -> None:
+    """Bug caught: a dp worker scheduled where there is no GPU, or never scheduled (no
+    toleration of the GPU nodes' taint), or prefetching a second hours-long job behind the
+    one it trains, or training on the CPU of a GPU pod, or torch spinning one thread per node
+    core in a pod limited to a few."""
+    doc = find("Deployment", "smr-worker-dp")
+    spec = pod_spec(doc)
+    (container,) = spec["containers"]
+    command = container["command"]
+    assert command[:4] == ["celery", "-A", "workers.app", "worker"]
+    assert queue_of(command) == "dp"
+    assert command[command.index("--concurrency") + 1] == "1"
+    assert command[command.index("--prefetch-multiplier") + 1] == "1"
+    limits = container["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) == 1
+    assert "nvidia.com/gpu" not in container["resources"].get("requests", {}) or int(
+        container["resources"]["requests"]["nvidia.com/gpu"]
+    ) == int(limits["nvidia.com/gpu"])
+    assert spec["nodeSelector"], "dp workers must land on GPU nodes"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    env = env_of(container)
+    assert env["SMR_DP_DEVICE"]["value"] == "cuda"
+    assert env["OMP_NUM_THREADS"]["value"] == str(limits["cpu"])
+    # The same broker as every other worker, from the same Secret.
+    scan_env = env_of(pod_spec(find("Deployment", "smr-worker-scan"))["containers"][0])
+    assert env["CELERY_BROKER_URL"] == scan_env["CELERY_BROKER_URL"]
+    # A rollout must not wait for a spare GPU.
+    assert doc["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    # Long enough for a running job to end its epoch, longer than the scans' grace.
+    scan_spec = pod_spec(find("Deployment", "smr-worker-scan"))
+    assert spec["terminationGracePeriodSeconds"] >= scan_spec["terminationGracePeriodSeconds"]
+    # Decrypted training data stays in memory, off the node's disk.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"]["medium"] == "Memory"
+    # Only these pods ask for a GPU.
+    for _, other in k8s_docs():
+        if other["kind"] in ("Deployment", "Job") and other["metadata"]["name"] != "smr-worker-dp":
+            for c in pod_spec(other)["containers"]:
+                assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), c["name"]
 
 
 def test_only_webhook_workers_reach_outside_on_http_and_never_private_ranges() -> None:
@@ -313,6 +374,32 @@ def test_compose_runs_a_worker_per_queue() -> None:
     assert set(queues) == settings_queues()
     scan = services[queues["scan"]]["command"]
     assert "--autoscale" in scan  # the pool grows with the backlog on one host
+
+
+def test_compose_dp_worker_reserves_a_gpu_and_builds_the_dp_extra() -> None:
+    services = compose()["services"]
+    dp = services["worker-dp"]
+    command = dp["command"]
+    assert queue_of(command) == "dp"
+    assert command[command.index("--concurrency") + 1] == "1"
+    assert command[command.index("--prefetch-multiplier") + 1] == "1"
+    (device,) = dp["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert device["count"] == 1
+    assert "gpu" in device["capabilities"]
+    assert dp["build"]["args"]["EXTRAS"] == "dp"
+    assert (ROOT / dp["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    # Its own image name: the slim image of the other services must not be overwritten.
+    assert dp["image"] != services["web"]["image"]
+    # Everything the other app services get, plus the device.
+    env = dict(dp["environment"])
+    assert env.pop("SMR_DP_DEVICE") == "cuda"
+    assert env == services["worker"]["environment"]
+    assert dp["secrets"] == services["worker"]["secrets"]
+    assert dp["read_only"] is True and dp["cap_drop"] == ["ALL"]
+    assert dp["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # A GPU-less host can still `docker compose up` the rest.
+    assert dp["profiles"] == ["gpu"]
 
 
 def test_embedded_worker_consumes_every_queue() -> None:
@@ -606,14 +693,42 @@ def test_dockerfile_healthcheck_env_and_cmd() -> None:
     assert "deploy/gunicorn.conf.py" in copied
 
 
-def test_dockerfile_installs_the_project_without_torch() -> None:
-    runs = [args for word, args in dockerfile_instructions() if word == "RUN"]
-    pip_runs = [r for r in runs if "pip " in r]
-    assert any(re.search(r"pip (?:wheel|install)\b.*\s\.(?:\s|$)", r) for r in pip_runs)
-    assert any("pip install" in r for r in pip_runs)
-    for run in pip_runs:
-        assert "torch" not in run.lower()
-    assert "torch" not in (ROOT / "pyproject.toml").read_text().lower()
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for word, args in dockerfile_instructions():
+        if word == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((word, args))
+    return stages
+
+
+def test_dockerfile_installs_torch_only_with_the_dp_extra() -> None:
+    """Bug caught: torch (several GB with CUDA) in every role's image, or a dp image without
+    it because a stage reads EXTRAS without declaring the build arg (it would be empty)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(dep.lower().startswith("torch") for dep in project["dependencies"])
+    assert any(dep.startswith("torch") for dep in project["optional-dependencies"]["dp"])
+    pip_runs = []
+    for stage in dockerfile_stages():
+        declared: dict[str, str] = {}
+        for word, args in stage:
+            if word == "ARG":
+                name, _, default = args.partition("=")
+                declared[name] = default.strip('"')
+            if word == "RUN" and re.search(r"pip (?:wheel|install)\b", args):
+                pip_runs.append(args)
+                assert "EXTRAS" in args, f"pip ignores the extras: {args}"
+                assert declared.get("EXTRAS") == "", "EXTRAS must be declared, empty by default"
+                assert "torch" not in args.replace("TORCH_INDEX_URL", "").lower()
+    # `.` or `.[dp]`, then the installed wheel with the same extras.
+    with_extras = re.escape("${EXTRAS:+[$EXTRAS]}")
+    assert any(re.search(rf'pip wheel\b.*\s"\.{with_extras}"', r) for r in pip_runs)
+    assert any(
+        re.search(rf"pip install\b.*secure-model-registry{with_extras}", r) for r in pip_runs
+    )
 
 
 def test_dockerfile_build_context_excludes_local_state() -> None:
