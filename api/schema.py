@@ -64,7 +64,8 @@ class AutoSchema(openapi.AutoSchema):
         statuses = ["400"]
         if not all(isinstance(p, AllowAny) for p in self.view.get_permissions()):
             statuses += ["401", "403"]
-        if "{" in self.path:
+        # POST /jobs names its namespace, dataset and model in the body.
+        if "{" in self.path or (self.path.endswith("/jobs") and self.method == "POST"):
             statuses.append("404")
         if self.method in ("POST", "PUT", "PATCH", "DELETE"):
             statuses.append("409")

@@ -314,7 +314,7 @@ class DpEventIO(serializers.Serializer):
 
     sampling_rate = serializers.FloatField(help_text="q, the expected batch over the records.")
     noise_multiplier = serializers.FloatField(help_text="sigma.")
-    steps = serializers.IntegerField()
+    steps = serializers.IntegerField(min_value=1, max_value=100_000_000)
     max_grad_norm = serializers.FloatField(help_text="The clipping norm.")
 
 
@@ -756,9 +756,7 @@ class PreviewIn(serializers.Serializer):
     blocks = serializers.ListField(
         child=NameField(MODEL_NAME_RE, max_length=128), min_length=1, max_length=100
     )
-    event = serializers.JSONField(
-        help_text="{sampling_rate, noise_multiplier, steps, max_grad_norm}"
-    )
+    event = DpEventIO()
     accountant = serializers.ChoiceField(choices=Accountant.choices, required=False)
 
 

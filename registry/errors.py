@@ -302,3 +302,8 @@ class InUse(Conflict):
 class JobNotCancellable(Conflict):
     code = "job_not_cancellable"
     default_message = "Only a queued or running job can be cancelled."
+
+
+class VersionNotRecordable(Conflict):
+    code = "version_not_recordable"
+    default_message = "A rejected, deprecated or revoked version takes no DP record."

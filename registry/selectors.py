@@ -782,14 +782,27 @@ def ledger_entry_list_for_user(
 
 
 def job_get_for_cancel(*, principal: Principal, job_id: uuid.UUID) -> Job:
-    """A job the caller may cancel: their own (with a write token), or any of a namespace
-    they administer. Others' jobs they can see are a PermissionDenied, the rest a NotFound."""
-    job = job_get_for_user(principal=principal, job_id=job_id)
-    if job.namespace is None:
+    """A job the caller may cancel: their own (a write token is enough), or any of a namespace
+    they administer. A job of another namespace is a NotFound, as everywhere."""
+    job = (
+        Job.objects.select_related("namespace", "version__model", "created_by")
+        .filter(pk=job_id)
+        .first()
+    )
+    if job is not None and job.namespace is None:
         if principal.user.is_superuser and principal.has_scope(TokenScope.ADMIN):
             return job
-        raise PermissionDenied("Only operators can cancel a registry-wide job.")
-    role = role_for(principal=principal, namespace=job.namespace)
+        job = None
+    role = (
+        None
+        if job is None or job.namespace is None
+        else role_for(principal=principal, namespace=job.namespace)
+    )
+    if job is None or job.namespace is None:
+        raise NotFound("No such job, or it belongs to a namespace you are not a member of.")
+    if role is None and not principal.user.is_superuser:
+        # Superusers see every job (job_list_for_user), so theirs is a refusal, not a 404.
+        raise NotFound("No such job, or it belongs to a namespace you are not a member of.")
     own = job.created_by_id == principal.user.pk and principal_allows(principal, role, Action.WRITE)
     if own or principal_allows(principal, role, Action.MANAGE):
         return job

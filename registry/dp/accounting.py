@@ -104,6 +104,14 @@ def epsilon(events: Sequence[DpEvent], *, delta: float, accountant: str) -> floa
     steps = [event for event in events if event.steps > 0]
     if not steps:
         return 0.0
+    if accountant_check(accountant) == "pld" and any(
+        event.noise_multiplier < PLD_MIN_NOISE for event in steps
+    ):
+        # Refused, not computed: below it PLD needs gigabytes and minutes (any reader can ask
+        # for a preview), and no useful run has that little noise.
+        raise AccountingError(
+            f"noise_multiplier must be at least {PLD_MIN_NOISE} on a PLD-accounted block."
+        )
     return _epsilon_cached(tuple(steps), delta, accountant)
 
 

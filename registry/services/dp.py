@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -60,6 +61,8 @@ FAMILIES = ("logreg", "mlp")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+
+EPSILON_EVERY = 5.0  # seconds between two "epsilon spent" figures in a job's progress
 
 DEFAULTS: dict[str, Any] = {
     "family": "logreg",
@@ -164,6 +167,7 @@ def dp_retrain_plan(
                 max_grad_norm=max_grad_norm,
             )
         event = DpEvent(q, sigma, steps, max_grad_norm)
+        cost = accounting.epsilon([event], delta=dataset.delta, accountant=accountant)
     except AccountingError as exc:
         raise InvalidInput(str(exc)) from exc
     return {
@@ -181,7 +185,7 @@ def dp_retrain_plan(
         "n_holdout": n_holdout,
         "accountant": accountant,
         "event": event.as_dict(),
-        "epsilon": accounting.epsilon([event], delta=dataset.delta, accountant=accountant),
+        "epsilon": cost,
     }
 
 
@@ -323,7 +327,7 @@ def _progress(job: Job, **fields: Any) -> None:
     result = {**(job.result or {}), **fields}
     job.result = result
     epochs = job.params.get("epochs") or 1
-    message = f"epoch {result.get('epoch', 0)}/{epochs}"
+    message = f"{result.get('epoch', 0)}/{epochs} epochs done"
     if "epsilon_spent" in result:
         message += f", epsilon spent {result['epsilon_spent']:.3f}"
     Job.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
@@ -553,18 +557,30 @@ def _train(job: Job, training: Any) -> str | None:
             **({"learning_rate": params["learning_rate"]} if params["learning_rate"] else {}),
         )
         steps_done = 0
+        # Epsilon so far is shown at most every EPSILON_EVERY seconds: an accountant call costs
+        # as much as an epoch of a small model, and the progress line needs no more.
+        shown_at = -math.inf
 
         def before_epoch(epoch: int, steps: int) -> None:
+            nonlocal shown_at
             # Durable before the steps run: a kill mid-epoch over-counts, never under-counts.
-            _progress(job, epoch=epoch, steps_started=steps_done + steps)
+            fields: dict[str, Any] = {
+                "epoch": epoch,
+                "steps": steps_done,
+                "steps_started": steps_done + steps,
+            }
+            if steps_done and time.monotonic() - shown_at >= EPSILON_EVERY:
+                fields["epsilon_spent"] = accounting.epsilon(
+                    [event.with_steps(steps_done)],
+                    delta=dataset.delta,
+                    accountant=params["accountant"],
+                )
+                shown_at = time.monotonic()
+            _progress(job, **fields)
 
         def after_epoch(epochs_done: int, total: int) -> None:
             nonlocal steps_done
             steps_done = total
-            spent = accounting.epsilon(
-                [event.with_steps(total)], delta=dataset.delta, accountant=params["accountant"]
-            )
-            _progress(job, epoch=epochs_done, steps=total, steps_started=total, epsilon_spent=spent)
 
         result = training.train(
             spec,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
@@ -32,6 +32,7 @@ from registry.errors import (
     DpRecordExists,
     InvalidInput,
     NotFound,
+    VersionNotRecordable,
 )
 from registry.models import (
     Accountant,
@@ -51,6 +52,8 @@ from registry.models import (
 )
 from registry.services.audit import audit_record, audit_target
 from registry.services.catalog import fields_validate
+
+T = TypeVar("T")
 
 # Datasets whose models the DP gate holds to a committed DP record (DESIGN section 5).
 SENSITIVE = frozenset({Sensitivity.CONFIDENTIAL, Sensitivity.RESTRICTED})
@@ -209,8 +212,8 @@ def event_parse(data: Any) -> DpEvent:
             "event must be an object {sampling_rate, noise_multiplier, steps, max_grad_norm}."
         )
     steps = data.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise InvalidInput("event.steps must be an integer.", field="event.steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidInput("event.steps must be a positive integer.", field="event.steps")
     try:
         return DpEvent(
             sampling_rate=_finite(data.get("sampling_rate"), "event.sampling_rate", low=0, high=2),
@@ -339,6 +342,12 @@ class Preview:
 
 
 def _preview(dataset: Dataset, blocks: Sequence[DataBlock], event: DpEvent, acct: str) -> Preview:
+    return _accounted(lambda: _preview_rows(dataset, blocks, event, acct))
+
+
+def _preview_rows(
+    dataset: Dataset, blocks: Sequence[DataBlock], event: DpEvent, acct: str
+) -> Preview:
     rows = []
     for budget in budgets_of(blocks):
         cap = budget.block.epsilon
@@ -366,6 +375,14 @@ def ledger_preview(
     return _preview(dataset, found, event, _accountant_of(found, accountant))
 
 
+def _accounted(fn: Callable[[], T]) -> T:
+    """Run an accountant computation; what it cannot account for is the caller's 400."""
+    try:
+        return fn()
+    except AccountingError as exc:
+        raise InvalidInput(f"event: {exc}", field="event") from exc
+
+
 def ledger_claim(
     *,
     dataset: Dataset,
@@ -384,6 +401,8 @@ def ledger_claim(
     asked, and writes nothing then. Call inside the caller's transaction when the claim must
     commit together with something else (the job that will spend it).
     """
+    if event.steps < 1:
+        raise InvalidInput("A run claims at least one step.", field="event.steps")
     claim = uuid.uuid4()
     with transaction.atomic():
         found = _blocks_named(dataset, blocks, lock=True)
@@ -544,7 +563,11 @@ def dp_record_declare(
     if version.model.namespace_id != dataset.namespace_id:
         raise InvalidInput("A version can only record runs on its own namespace's datasets.")
     if version.state in (VersionState.REJECTED, VersionState.REVOKED, VersionState.DEPRECATED):
-        raise InvalidInput(f"Version {version.number} is {version.state}; nothing to record.")
+        raise VersionNotRecordable(
+            f"Version {version.number} is {version.state}; a DP record can only be added "
+            "before a version is rejected, deprecated or revoked.",
+            state=version.state,
+        )
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
         if LedgerEntry.objects.filter(version=locked).exists():

@@ -303,28 +303,16 @@ def test_accountants_never_mix(actors, census):
     assert dp_record(actors, accountant="rdp").status_code == 201
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: event_parse takes steps=0; dp_record_declare then writes a claim that "
-    "ledger_settle never settles (no commit, no release), answers 201 with an empty record, "
-    "and the version can never get a real record (409 dp_record_exists) nor pass dp_budget",
-)
 def test_a_declared_run_of_no_steps_is_refused(actors, census):
     error(dp_record(actors, event={**EVENT, "steps": 0}), 400, "invalid_input")
     assert ledger(actors) == []
     assert dp_record(actors).status_code == 201
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a PLD event's noise is not held to accounting.PLD_MIN_NOISE outside "
-    "noise_calibrate: any reader's preview with a small sigma makes dp-accounting build a huge "
-    "distribution (sigma 0.05: 31 s and 2 GiB; 0.01: minutes) in the web worker",
-)
 def test_a_pld_event_below_the_minimum_noise_is_refused(actors, census):
     assert create_block(actors, "p0", accountant="pld").status_code == 201
-    # 0.2 costs a few seconds today; what the fix must refuse goes down to 0.01.
-    event = {**EVENT, "noise_multiplier": 0.2, "steps": 1}
+    # Refused at once (it would take minutes and gigabytes to compute at 0.01).
+    event = {**EVENT, "noise_multiplier": 0.01, "steps": 1000}
     preview = {"blocks": ["p0"], "event": event}
     response = actors.client("carol").post(f"{CENSUS}/ledger/preview", preview, format="json")
     body = error(response, 400, "invalid_input")

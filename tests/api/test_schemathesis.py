@@ -52,11 +52,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
         "`delta` must lie strictly between 0 and 1; a FloatField's bounds are inclusive, so "
         "the schema gives none and 0.0 is a 400."
     ),
-    ("POST /api/v1/jobs", "status_code_conformance"): (
-        "A 404 for a namespace, dataset or model the body names is right, but the schema "
-        "documents 404 only for paths with parameters (api/schema.py); remove once POST "
-        "/jobs lists it."
-    ),
 }
 
 CONFIG = """
