@@ -217,6 +217,7 @@
       this.key = [versionKey, path, file.size, file.lastModified].join("\n");
       this.state = "waiting"; // waiting, uploading, done, failed
       this.note = "";
+      this.resumed = ""; // says how much an earlier visit had sent
       this.session = null;
       this.confirmed = 0; // bytes of parts the server holds
       this.inFlight = new Map(); // part number -> bytes sent so far
@@ -245,13 +246,14 @@
       return Math.min(n, this.file.size);
     }
     statusText() {
+      const notes = [this.resumed, this.note].filter(Boolean).join("; ");
       switch (this.state) {
         case "waiting":
           return "Waiting";
         case "uploading":
-          return `Uploading${this.note ? ` (${this.note})` : ""}`;
+          return `Uploading${this.resumed ? ` (${this.resumed})` : ""}`;
         case "done":
-          return `Uploaded${this.note ? ` (${this.note})` : ""}`;
+          return `Uploaded${notes ? ` (${notes})` : ""}`;
         default:
           return `Failed: ${this.note}`;
       }
@@ -288,7 +290,7 @@
         const session = await call("GET", uploads(saved.id));
         if (session.state === "open" && new Date(session.expires_at) > new Date()) {
           item.session = session;
-          item.note = `resumed: ${session.part_count - session.missing_parts.length} of ${session.part_count} parts were already there`;
+          item.resumed = `resumed: ${session.part_count - session.missing_parts.length} of ${session.part_count} parts were already there`;
         } else if (session.state === "completed") {
           remember(item.key, { version: versionKey, path: item.path, done: true });
           item.state = "done";
