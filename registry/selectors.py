@@ -17,6 +17,7 @@ from django.db.models import (
     Exists,
     F,
     Func,
+    IntegerField,
     OuterRef,
     Q,
     QuerySet,
@@ -882,7 +883,12 @@ def version_list_awaiting_owner_for_user(*, principal: Principal) -> QuerySet[Mo
 def _count(qs: QuerySet) -> Coalesce:
     # A correlated COUNT per row, rather than joins that multiply each other's rows.
     return Coalesce(
-        Subquery(qs.order_by().annotate(n=Func(F("pk"), function="COUNT")).values("n")), 0
+        Subquery(
+            qs.order_by()
+            .annotate(n=Func(F("pk"), function="COUNT", output_field=IntegerField()))
+            .values("n")
+        ),
+        0,
     )
 
 
