@@ -63,6 +63,7 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 
 EPSILON_EVERY = 5.0  # seconds between two "epsilon spent" figures in a job's progress
+RECORD_AHEAD = 0.5  # seconds of training recorded as started with one database write
 
 DEFAULTS: dict[str, Any] = {
     "family": "logreg",
@@ -557,19 +558,32 @@ def _train(job: Job, training: Any) -> str | None:
             **({"learning_rate": params["learning_rate"]} if params["learning_rate"] else {}),
         )
         steps_done = 0
+        recorded = 0  # steps recorded as started on the job row
+        epoch_began = time.monotonic()
         # Epsilon so far is shown at most every EPSILON_EVERY seconds: an accountant call costs
         # as much as an epoch of a small model, and the progress line needs no more.
         shown_at = -math.inf
 
         def before_epoch(epoch: int, steps: int) -> None:
-            nonlocal shown_at
-            # Durable before the steps run: a kill mid-epoch over-counts, never under-counts.
+            nonlocal shown_at, recorded, epoch_began
+            now = time.monotonic()
+            epoch_s, epoch_began = now - epoch_began, now
+            due = steps_done > 0 and now - shown_at >= EPSILON_EVERY
+            if steps_done + steps <= recorded and not due:
+                return
+            # Durable before the steps run: a worker killed mid-epoch leaves an upper bound.
+            # Short epochs are recorded a few at a time (about RECORD_AHEAD seconds of them),
+            # so a tiny model does not wait on a database write per epoch; a kill then
+            # over-counts by at most that much, never under-counts.
+            ahead = 1 if epoch == 0 else max(1, math.ceil(RECORD_AHEAD / max(epoch_s, 1e-3)))
+            ahead = min(ahead, params["epochs"] - epoch)
+            recorded = max(recorded, steps_done + steps * ahead)
             fields: dict[str, Any] = {
                 "epoch": epoch,
                 "steps": steps_done,
-                "steps_started": steps_done + steps,
+                "steps_started": recorded,
             }
-            if steps_done and time.monotonic() - shown_at >= EPSILON_EVERY:
+            if due:
                 fields["epsilon_spent"] = accounting.epsilon(
                     [event.with_steps(steps_done)],
                     delta=dataset.delta,
