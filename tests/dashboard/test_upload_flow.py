@@ -104,12 +104,22 @@ def test_upload_a_folder_resume_after_a_reload_submit_and_watch_the_scan(
     expect(page.get_by_text("No files in version 1 yet")).to_be_visible()
     assert page.locator("script:not([src])").count() == 0
 
-    # A slow link: past part LET_THROUGH, part requests hang until the page goes away.
+    # A slow link: past part LET_THROUGH, part requests hang until the page goes away. And
+    # a flaky server: the first try of part 2 gets a 503, which the page tries again.
     held = []
+    refused = []
 
     def slow_link(route):
-        if int(PARTS_URL.search(route.request.url).group(2)) > LET_THROUGH:
+        number = int(PARTS_URL.search(route.request.url).group(2))
+        if number > LET_THROUGH:
             held.append(route)
+        elif number == 2 and not refused:
+            refused.append(route.request.url)
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                json={"code": "database_unavailable", "message": "Try again.", "extra": {}},
+            )
         else:
             route.continue_()
 
@@ -124,6 +134,7 @@ def test_upload_a_folder_resume_after_a_reload_submit_and_watch_the_scan(
         "the first parts of the big file",
     )
     wait_for(page, lambda: len(held) >= 1, "a held part")
+    assert len(refused) == 1  # ...and part 2 is stored all the same (after its retry)
     # The page shows the big file part-way: more than nothing, less than all.
     page.wait_for_function(
         "b => Number(b.value) >= 6 * 2097152", arg=big_bar.element_handle(), timeout=10_000

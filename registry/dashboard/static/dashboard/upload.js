@@ -10,7 +10,8 @@
 
   const STORE = "smr-uploads";
   const IN_FLIGHT = 3; // parts sent at once, over all files
-  const RETRIES = 4; // per part, for broken connections, 429 and 5xx answers
+  const RETRIES = 6; // per request, for broken connections, 429 and 5xx answers
+  const RETRY_WAIT_MAX_S = 60;
   const FORGET_AFTER_MS = 8 * 24 * 3600 * 1000; // sessions expire after 7 days on the server
 
   const area = document.getElementById("version-area");
@@ -70,10 +71,12 @@
   // --- Talking to the API ------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(code, message, status) {
+    constructor(code, message, status, extra, retryAfter) {
       super(message);
       this.code = code;
       this.status = status;
+      this.extra = extra || {};
+      this.retryAfter = retryAfter; // seconds, from a Retry-After header
     }
     get transient() {
       return this.status === 0 || this.status === 429 || this.status >= 500;
@@ -90,7 +93,7 @@
     return input ? input.value : "";
   }
 
-  function answer(status, text) {
+  function answer(status, text, retryAfter) {
     let data = null;
     try {
       data = text ? JSON.parse(text) : null;
@@ -98,11 +101,31 @@
       data = null;
     }
     if (status >= 200 && status < 300) return data;
-    if (data && data.code) throw new ApiError(data.code, data.message || "", status);
-    throw new ApiError(`http_${status}`, `The registry answered HTTP ${status}.`, status);
+    const wait = Number.parseInt(retryAfter || "", 10);
+    const after = Number.isFinite(wait) ? wait : undefined;
+    if (data && data.code) throw new ApiError(data.code, data.message || "", status, data.extra, after);
+    throw new ApiError(`http_${status}`, `The registry answered HTTP ${status}.`, status, {}, after);
   }
 
-  async function call(method, url, body) {
+  // Broken connections, 429 and 5xx are tried again (after Retry-After when the server gives
+  // one, else with a growing pause); any other answer is final.
+  async function retrying(attemptOnce) {
+    for (let attempt = 0; ; attempt += 1) {
+      try {
+        return await attemptOnce();
+      } catch (err) {
+        if (!(err instanceof ApiError) || !err.transient || attempt >= RETRIES) throw err;
+        const seconds = err.retryAfter !== undefined ? err.retryAfter : 2 ** attempt;
+        await sleep(1000 * Math.min(Math.max(seconds, 1), RETRY_WAIT_MAX_S));
+      }
+    }
+  }
+
+  function call(method, url, body) {
+    return retrying(() => callOnce(method, url, body));
+  }
+
+  async function callOnce(method, url, body) {
     const headers = { Accept: "application/json", "X-CSRFToken": csrfToken() };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response;
@@ -116,7 +139,7 @@
     } catch (err) {
       throw new ApiError("network_error", `The registry could not be reached (${err.message}).`, 0);
     }
-    return answer(response.status, await response.text());
+    return answer(response.status, await response.text(), response.headers.get("Retry-After"));
   }
 
   // XMLHttpRequest rather than fetch: it reports upload progress within a part.
@@ -130,7 +153,7 @@
       xhr.upload.onprogress = (event) => onProgress(event.loaded);
       xhr.onload = () => {
         try {
-          resolve(answer(xhr.status, xhr.responseText));
+          resolve(answer(xhr.status, xhr.responseText, xhr.getResponseHeader("Retry-After")));
         } catch (err) {
           reject(err);
         }
@@ -324,31 +347,32 @@
   async function sendPart(item, n) {
     const [start, end] = item.partRange(n);
     const url = `${uploads(item.session.id)}/parts/${n}`;
-    for (let attempt = 0; ; attempt += 1) {
-      item.inFlight.set(n, 0);
-      try {
-        await sendBlob(url, item.file.slice(start, end), (loaded) => {
+    try {
+      await retrying(() => {
+        item.inFlight.set(n, 0);
+        return sendBlob(url, item.file.slice(start, end), (loaded) => {
           item.inFlight.set(n, loaded);
           draw();
         });
-        item.inFlight.delete(n);
-        item.confirmed += end - start;
-        draw();
-        return;
-      } catch (err) {
-        item.inFlight.delete(n);
-        draw();
-        if (!(err instanceof ApiError) || !err.transient || attempt >= RETRIES) throw err;
-        await sleep(1000 * 2 ** attempt);
-      }
+      });
+      item.confirmed += end - start;
+    } finally {
+      item.inFlight.delete(n);
+      draw();
     }
   }
 
   async function finish(item) {
-    const artifact = await call("POST", `${uploads(item.session.id)}/complete`);
+    let artifact = null;
+    try {
+      artifact = await call("POST", `${uploads(item.session.id)}/complete`);
+    } catch (err) {
+      // A retried complete whose first try did complete (the answer was lost on the way).
+      if (!(err.status === 409 && err.extra.state === "completed")) throw err;
+    }
     remember(item.key, { version: versionKey, path: item.path, done: true });
     item.state = "done";
-    item.note = `sha256 ${artifact.sha256.slice(0, 12)}…`;
+    item.note = artifact ? `sha256 ${artifact.sha256.slice(0, 12)}…` : "";
     draw();
     document.body.dispatchEvent(new CustomEvent("smr:uploaded", { detail: artifact }));
   }
