@@ -255,9 +255,11 @@ if CELERY_BROKER_URL == "filesystem://":
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # Redis hands an unacknowledged message (its worker died: acks_late) to another worker
-        # after this many seconds. It must exceed the longest task, or a running task is
-        # delivered twice (harmless: tasks are idempotent, but wasteful).
-        "visibility_timeout": env_int("SMR_BROKER_VISIBILITY_TIMEOUT", 7200),
+        # after this many seconds. It must exceed the longest task (a DP job's or a rewrap's
+        # hard time limit, 3 h 5 min by default), or a running task is delivered twice:
+        # harmless for most (they are idempotent), but a second delivery of a DP job still
+        # training takes it for a dead worker's and fails it.
+        "visibility_timeout": env_int("SMR_BROKER_VISIBILITY_TIMEOUT", 4 * 3600),
         # How often a worker looks for such messages (one cheap sorted-set range query).
         "unacked_restore_interval": env_int("SMR_BROKER_RESTORE_INTERVAL", 10),
         "unacked_restore_throttle": 1,
