@@ -155,7 +155,7 @@ def dp_retrain_plan(
         )
     q = accounting.sampling_rate(n_train, batch_size)
     steps = epochs * accounting.steps_per_epoch(n_train, batch_size)
-    accountant = ledger._accountant_of(blocks, params.get("accountant"))
+    accountant = ledger.accountant_of(blocks, params.get("accountant"))
     try:
         if sigma is None:
             assert target is not None
@@ -205,7 +205,7 @@ def dp_retrain_create(
     The new version goes to `model_name`, created for `creator` if the namespace has no such
     model (the caller checked they may write there).
     """
-    found = ledger._blocks_named(dataset, blocks, lock=False)
+    found = ledger.blocks_named(dataset, blocks, lock=False)
     plan = dp_retrain_plan(dataset=dataset, blocks=found, params=params)
     event = DpEvent(**plan["event"])
     with transaction.atomic():
@@ -254,7 +254,7 @@ def privacy_audit_create(
     creator: User,
 ) -> Job:
     """Queue a membership-inference audit of `version` against a dataset's blocks."""
-    found = ledger._blocks_named(dataset, blocks, lock=False)
+    found = ledger.blocks_named(dataset, blocks, lock=False)
     missing = [b.name for b in found if b.artifact_id is None]
     if missing:
         raise InvalidInput(f"Block(s) {missing} have no data file to audit against.")

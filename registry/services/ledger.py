@@ -287,7 +287,7 @@ def dataset_budget(*, dataset: Dataset) -> list[BlockBudget]:
     return budgets_of(list(dataset.blocks.order_by("id")))
 
 
-def _blocks_named(dataset: Dataset, names: Iterable[str], *, lock: bool) -> list[DataBlock]:
+def blocks_named(dataset: Dataset, names: Iterable[str], *, lock: bool) -> list[DataBlock]:
     wanted = list(dict.fromkeys(names))
     if not wanted or not all(isinstance(n, str) for n in wanted):
         raise InvalidInput("blocks must be a non-empty list of block names.", field="blocks")
@@ -302,7 +302,7 @@ def _blocks_named(dataset: Dataset, names: Iterable[str], *, lock: bool) -> list
     return sorted(found.values(), key=lambda b: b.pk)
 
 
-def _accountant_of(blocks: Sequence[DataBlock], asked: str | None) -> str:
+def accountant_of(blocks: Sequence[DataBlock], asked: str | None) -> str:
     accountants = sorted({block.accountant for block in blocks})
     if len(accountants) > 1:
         raise AccountantMismatch(
@@ -371,8 +371,8 @@ def ledger_preview(
     *, dataset: Dataset, blocks: Sequence[str], event: DpEvent, accountant: str | None = None
 ) -> Preview:
     """What `event` would cost on each block and whether it fits; reserves nothing."""
-    found = _blocks_named(dataset, blocks, lock=False)
-    return _preview(dataset, found, event, _accountant_of(found, accountant))
+    found = blocks_named(dataset, blocks, lock=False)
+    return _preview(dataset, found, event, accountant_of(found, accountant))
 
 
 def _accounted(fn: Callable[[], T]) -> T:
@@ -405,8 +405,8 @@ def ledger_claim(
         raise InvalidInput("A run claims at least one step.", field="event.steps")
     claim = uuid.uuid4()
     with transaction.atomic():
-        found = _blocks_named(dataset, blocks, lock=True)
-        acct = _accountant_of(found, accountant)
+        found = blocks_named(dataset, blocks, lock=True)
+        acct = accountant_of(found, accountant)
         preview = _preview(dataset, found, event, acct)
         for row in preview.blocks:
             if not row["fits"]:
