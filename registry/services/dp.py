@@ -624,6 +624,7 @@ def _train(job: Job, training: Any) -> str | None:
         training.weights_save(result.module, spec, weights)
         summary = {
             "dataset": dataset.name,
+            "privacy_unit": dataset.privacy_unit,
             "blocks": params["blocks"],
             "accountant": params["accountant"],
             "epsilon": epsilon,
@@ -720,7 +721,8 @@ def model_card(*, model: RegisteredModel, version: ModelVersion, config: Mapping
         "## Privacy guarantee\n\n"
         f"- **(epsilon, delta) = ({privacy['epsilon']:.4f}, {privacy['delta']:g})**, "
         f"{privacy['accountant'].upper()} accountant (dp-accounting "
-        f"{config['library_versions'].get('dp-accounting', '?')}), privacy unit: one record\n"
+        f"{config['library_versions'].get('dp-accounting', '?')}), privacy unit: one "
+        f"{privacy.get('privacy_unit', 'record')} (one row of the data)\n"
         f"- target epsilon: {privacy['target_epsilon']}\n"
         f"- blocks charged: {', '.join(privacy['blocks'])}\n"
         f"- DP-SGD event: sampling rate {event['sampling_rate']:.6f}, noise multiplier "
