@@ -191,3 +191,25 @@ def test_upload_a_folder_resume_after_a_reload_submit_and_watch_the_scan(
     expect(page.locator("#uploader")).to_have_count(0)
     assert page.evaluate("() => localStorage.getItem('smr-uploads')") == "{}"
     assert problems == []
+
+
+def test_dropped_files_upload_and_refusals_show_their_code(page, site, draft):
+    sign_in(page, site, "alice")
+    page.goto(f"{site}/ns/acme/bert/v/1/upload")
+    expect(page.get_by_text("…or drop files or a folder here.")).to_be_visible()
+    # A name ending in a dot is not a valid artifact path: the API says so.
+    page.evaluate(
+        """() => {
+        const dt = new DataTransfer();
+        dt.items.add(new File(['{"a": 1}'], "config.json", {type: "application/json"}));
+        dt.items.add(new File(["x"], "notes."));
+        document.getElementById("dropzone").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }"""
+    )
+    expect(page.locator('tr[data-path="config.json"]')).to_contain_text("Uploaded")
+    expect(page.locator('tr[data-path="notes."]')).to_contain_text("Failed")
+    expect(page.locator("#upload-errors")).to_contain_text("(invalid_path)")
+    expect(page.locator("#overall-text")).to_contain_text("1 of 2 files done")
+    expect(page.get_by_text("1 file in version 1")).to_be_visible()
+    assert [a.path for a in Artifact.objects.filter(version=draft)] == ["config.json"]
