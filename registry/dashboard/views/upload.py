@@ -25,15 +25,17 @@ FILES_SHOWN = 200
 DRAFTS_SHOWN = 50
 
 
-def _version_page(version: ModelVersion) -> str | None:
-    # The version page belongs to the browse module; link to it when it exists.
+def _browse_url(name: str, *args: object) -> str | None:
+    # Model and version pages belong to the browse module; link to them when they exist.
     try:
-        return reverse(
-            "dashboard:version",
-            args=[version.model.namespace.name, version.model.name, version.number],
-        )
+        return reverse(f"dashboard:{name}", args=args)
     except NoReverseMatch:
         return None
+
+
+def _version_page(version: ModelVersion) -> str | None:
+    m = version.model
+    return _browse_url("version", m.namespace.name, m.name, version.number)
 
 
 def _api_base(version: ModelVersion) -> str:
@@ -103,7 +105,13 @@ def upload_model(request: HttpRequest, ns: str, model: str) -> HttpResponse:
     return render(
         request,
         "dashboard/upload_model.html",
-        {"model": obj, "namespace": obj.namespace, "drafts": drafts, "drafts_max": DRAFTS_SHOWN},
+        {
+            "model": obj,
+            "namespace": obj.namespace,
+            "model_page": _browse_url("model", obj.namespace.name, obj.name),
+            "drafts": drafts,
+            "drafts_max": DRAFTS_SHOWN,
+        },
     )
 
 
@@ -164,6 +172,7 @@ def upload_version(request: HttpRequest, ns: str, model: str, number: int) -> Ht
         "version": version,
         "model": m,
         "namespace": m.namespace,
+        "model_page": _browse_url("model", m.namespace.name, m.name),
         "draft": version.state == VersionState.DRAFT,
         "api_base": _api_base(version),
         "version_key": f"{m.namespace.name}/{m.name}/{version.number}",
