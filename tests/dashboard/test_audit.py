@@ -175,3 +175,21 @@ def test_verify_shares_the_apis_throttle(actors):
 def test_an_empty_result_says_what_to_do(actors):
     html = signed_in(actors, "dave").get("/audit", {"actor": "nobody"}).content.decode()
     assert "No events match these filters" in html
+
+
+def test_the_audit_page_reads_in_a_bounded_number_of_queries(actors):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    dave = signed_in(actors, "dave")
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert dave.get("/audit").status_code == 200
+        return len(captured)
+
+    audit.audit_record(action="model.update", namespace="acme", target="acme/m")
+    before = queries()
+    for i in range(80):
+        audit.audit_record(action="model.update", namespace="acme", target=f"acme/m{i}")
+    assert queries() == before

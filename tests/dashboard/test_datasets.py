@@ -210,3 +210,25 @@ def test_empty_states_say_what_to_do(actors):
     )
     html = root.get("/ns/acme/-/datasets/new").content.decode()
     assert "This dataset has no blocks yet" in html and "The ledger is empty" in html
+
+
+def test_the_dataset_page_reads_in_a_bounded_number_of_queries(actors, clinic):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    carol = signed_in(actors, "carol")
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert carol.get("/ns/acme/-/datasets/clinic").status_code == 200
+        return len(captured)
+
+    before = queries()
+    alice = actors.users["alice"]
+    for i in range(4):
+        version = catalog.version_create(model=clinic.ledger.first().version.model, creator=alice)
+        ledger.dp_record_declare(
+            version=version, dataset=clinic, blocks=["b"], event=RUN_B, creator=alice
+        )
+        dp_job(actors, "succeeded", {"epsilon": 1.0 + i, "accuracy": 0.5})
+    assert queries() == before
