@@ -464,7 +464,8 @@ class VersionJobOut(serializers.Serializer):
 
 
 class UploadIn(serializers.Serializer):
-    path = serializers.CharField(max_length=4096)
+    # Untrimmed: a path with edge spaces is refused (invalid_path), not silently renamed.
+    path = serializers.CharField(max_length=4096, trim_whitespace=False)
     size = serializers.IntegerField(min_value=0)
     sha256 = serializers.RegexField(r"^[0-9a-f]{64}$", required=False)
     part_size = serializers.IntegerField(required=False, min_value=1)

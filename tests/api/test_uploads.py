@@ -196,6 +196,10 @@ def test_upload_part_size_rules(actors, draft):
     )
     bad = alice.post(f"{VERSION}/uploads", {"path": "../x", "size": 1}, format="json")
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_path"
+    # Edge spaces are refused as on PUT .../files/{path}, not trimmed into another name.
+    for path in ("notes ", " notes"):
+        bad = alice.post(f"{VERSION}/uploads", {"path": path, "size": 1}, format="json")
+        assert bad.status_code == 400 and bad.json()["code"] == "invalid_path", path
     assert actors.client("mallory").get(f"{VERSION}/uploads/{sid}").status_code == 404
     assert actors.client("carol").get(f"{VERSION}/uploads/{sid}").status_code == 403
 
