@@ -87,7 +87,7 @@ class Plot:
     points: list[Point] = field(default_factory=list)
     line: str = ""  # a <polyline>'s points
     y_ticks: list[tuple[float, str]] = field(default_factory=list)
-    x_ticks: list[tuple[float, str]] = field(default_factory=list)
+    x_ticks: list[tuple[float, str, str]] = field(default_factory=list)  # x, label, anchor
     cap_y: float | None = None
     cap_label: str = ""
 
@@ -137,9 +137,15 @@ def budget_plot(history: list[tuple[datetime, float]], cap: float) -> Plot:
             )
         )
     plot.line = " ".join(f"{px},{py}" for px, py in line)
-    plot.x_ticks = [(x(history[0][0]), history[0][0].strftime("%Y-%m-%d %H:%M"))]
+    shape = "%Y-%m-%d %H:%M:%S" if span < 3600 else "%Y-%m-%d %H:%M"
     if span > 0:
-        plot.x_ticks.append((x(history[-1][0]), history[-1][0].strftime("%Y-%m-%d %H:%M")))
+        # The ends of the axis: labels anchored inwards, so neither runs off the drawing.
+        plot.x_ticks = [
+            (x(history[0][0]), history[0][0].strftime(shape), "start"),
+            (x(history[-1][0]), history[-1][0].strftime(shape), "end"),
+        ]
+    else:
+        plot.x_ticks = [(x(history[0][0]), history[0][0].strftime(shape), "middle")]
     return plot
 
 
@@ -150,7 +156,7 @@ def accuracy_plot(results: list[dict[str, Any]]) -> Plot:
     high_eps = max([r["epsilon"] for r in shown] or [1.0]) * 1.1
     plot.y_ticks = [(_y(plot, v, 1.0), f"{v:.2f}") for v in _ticks(1.0)]
     plot.x_ticks = [
-        (round(plot.left + (plot.right - plot.left) * v / high_eps, 2), f"{v:.2g}")
+        (round(plot.left + (plot.right - plot.left) * v / high_eps, 2), f"{v:.2g}", "middle")
         for v in _ticks(high_eps / 1.1)
     ]
     for r in shown:
