@@ -7,7 +7,7 @@ do; the `can_*` flags only decide which controls a page shows (the services stil
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from django import forms
 from django.contrib import messages
@@ -15,6 +15,7 @@ from django.core.paginator import Page, Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
 from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_POST
@@ -24,7 +25,7 @@ from registry import selectors
 from registry.access import Action, Principal, principal_allows
 from registry.dashboard.views.base import flash_error, page, principal_of
 from registry.errors import InvalidInput, NotFound, RegistryError
-from registry.models import ModelVersion, Role, ScanReport, ScanVerdict, VersionState
+from registry.models import Artifact, ModelVersion, Role, ScanReport, ScanVerdict, VersionState
 from registry.scanners.safetensorsfile import Malformed, safetensors_summary
 from registry.services import aliases, approvals, artifacts, catalog
 from registry.services.audit import audit_target
@@ -299,6 +300,19 @@ def _side(principal: Principal, ns: str, model: str, number: int) -> dict[str, A
     }
 
 
+def _compare_cell(artifact: Artifact | None, report: ScanReport | None) -> dict[str, Any] | None:
+    if artifact is None:
+        return None
+    scan = _scan_cell(report, findings_visible=False)
+    return {
+        "size": filesizeformat(artifact.size),
+        "sha256": artifact.sha256,
+        "short": artifact.sha256[:12],
+        "scan": scan["scan"],
+        "scan_label": scan["scan_label"],
+    }
+
+
 @page
 def compare(request: HttpRequest, ns: str, model: str) -> HttpResponse:
     principal = principal_of(request)
@@ -330,10 +344,8 @@ def compare(request: HttpRequest, ns: str, model: str) -> HttpResponse:
                 {
                     "path": file_path,
                     "status": status,
-                    "a": fa,
-                    "b": fb,
-                    "scan_a": left["scans"].get(file_path),
-                    "scan_b": right["scans"].get(file_path),
+                    "a": _compare_cell(fa, left["scans"].get(file_path)),
+                    "b": _compare_cell(fb, right["scans"].get(file_path)),
                 }
             )
         context.update(left=left, right=right, rows=rows, counts=counts)
@@ -365,19 +377,25 @@ def version_page(request: HttpRequest, ns: str, model: str, number: int) -> Http
     can_download = selectors.version_download_allowed(principal=principal, version=version)
     findings_visible = selectors.scan_findings_visible(principal=principal, version=version)
     api_path = api_version_path(ns_name, name, version.number)
+    st_base = reverse("dashboard:safetensors", args=[ns_name, name, version.number])
     files = []
     auto_headers = 0
+    # Rows are prepared here, down to their labels: a version of 1,000 files is 1,000 rows,
+    # and every lookup the template does not make is time saved on each of them.
     for artifact in version.loaded_files:
-        safetensors = can_download and artifact.path.lower().endswith(".safetensors")
-        if safetensors:
+        st_url = ""
+        if can_download and artifact.path.lower().endswith(".safetensors"):
+            st_url = f"{st_base}?{urlencode({'path': artifact.path})}"
             auto_headers += 1
         files.append(
             {
-                "artifact": artifact,
-                "scan": reports.get(artifact.pk),
+                "path": artifact.path,
+                "size": filesizeformat(artifact.size),
+                "sha256": artifact.sha256,
                 "url": f"{api_path}/files/{quote(artifact.path)}",
-                "safetensors": safetensors,
-                "auto_header": safetensors and auto_headers <= SAFETENSORS_AUTO,
+                "st_url": st_url,
+                "auto_header": bool(st_url) and auto_headers <= SAFETENSORS_AUTO,
+                **_scan_cell(reports.get(artifact.pk), findings_visible),
             }
         )
     signatures = list(
@@ -424,6 +442,32 @@ def version_page(request: HttpRequest, ns: str, model: str, number: int) -> Http
             "pull_ref": f"{ns_name}/{name}:{version.number}",
         },
     )
+
+
+def _scan_cell(report: ScanReport | None, findings_visible: bool) -> dict[str, Any]:
+    # Every key on every row: a key the template misses is a logged lookup failure per row.
+    cell: dict[str, Any] = {
+        "scan": "",
+        "scan_label": "",
+        "findings": [],
+        "hidden": 0,
+        "summary": "",
+    }
+    if report is None:
+        return cell
+    if report.verdict == ScanVerdict.CLEAN:
+        # Only notes below any severity that matters ("no known model format"): not listed.
+        return {**cell, "scan": report.verdict, "scan_label": report.verdict}
+    count = len(report.findings)
+    return {
+        "scan": report.verdict,
+        "scan_label": f"{report.verdict} · {report.max_severity}"
+        if report.max_severity
+        else report.verdict,
+        "findings": report.findings if findings_visible else [],
+        "hidden": count if not findings_visible else 0,
+        "summary": f"{count} finding{'' if count == 1 else 's'}",
+    }
 
 
 class _ArtifactSource:
