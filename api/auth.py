@@ -113,6 +113,12 @@ class MeView(APIView):
 
 def lockout_response(
     request: HttpRequest, original_response: HttpResponse | None = None, credentials=None
-) -> JsonResponse:
-    """AXES_LOCKOUT_CALLABLE: axes' middleware answers a locked-out login with our 429."""
+) -> HttpResponse:
+    """AXES_LOCKOUT_CALLABLE: axes' middleware answers a locked-out login with our 429.
+
+    A view that already answered the lockout itself (the dashboard's login page, a 429 with
+    the form and the message) keeps its own response.
+    """
+    if original_response is not None and original_response.status_code == 429:
+        return original_response
     return registry_error_response(sessions.lockout_error())

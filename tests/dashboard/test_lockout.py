@@ -52,12 +52,6 @@ def test_wrong_passwords_lock_the_account_out_audited(page, site, settings):
     assert not AuditEvent.objects.filter(action="auth.login", actor_user="carol").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api/auth.py lockout_response (AXES_LOCKOUT_CALLABLE) replaces the response of "
-    "every locked-out login with the API's JSON 429, so the dashboard's login page becomes raw "
-    "JSON; it should keep original_response when the view already answered 429 itself.",
-)
 def test_the_lockout_message_is_shown_on_the_login_page(page, site, settings):
     settings.AXES_FAILURE_LIMIT = 1
     try_password(page, site, "carol", "wrong horse")
