@@ -10,15 +10,18 @@ import re
 import pytest
 from django.contrib.auth import get_user_model
 
+from registry.dp.accounting import DpEvent
 from registry.models import (
     Artifact,
     AuditEvent,
+    Job,
+    JobKind,
     Membership,
     ModelAlias,
     ModelVersion,
     VersionState,
 )
-from registry.services import approvals, catalog, scanning
+from registry.services import approvals, catalog, ledger, scanning, signatures
 from registry.services.audit import audit_record
 from tests.registry.scanners.corpus import call
 from tests.registry.services.test_approvals import pending
@@ -27,6 +30,8 @@ from tests.registry.services.test_scanning import put
 NS = "/ns/acme"
 BERT = "/ns/acme/bert"
 
+# A cheap ordinary DP-SGD run (~2.1 under RDP at 1e-5).
+RUN = DpEvent(sampling_rate=0.01, noise_multiplier=1.0, steps=1000)
 # Calls mylib.payloads.Runner("echo pwned") when loaded: a HIGH finding (not on the allowlist).
 UNKNOWN_CALL_PICKLE = call("mylib.payloads", "Runner", "echo pwned")
 
@@ -406,20 +411,53 @@ def test_the_audit_trail_is_for_auditors_and_admins(client, actors, bert):
     assert "acme/bert/v10" not in page and "acme/bert/v1/x.bin" in page
 
 
-def test_version_page_lists_reviews_signatures_and_dp_record_sections(client, actors, bert):
+def test_version_page_lists_reviews_and_the_registry_signature(client, actors, bert):
     version = pending(new_version(actors, bert), actors.users["alice"])
+    login(client, actors, "carol")
+    page = text(client.get(f"{BERT}/v/{version.number}"))
+    assert "No signatures" in page and "None: this version was not trained" in page
     approvals.review_record(
         version=version,
         reviewer=actors.users["bob"],
         decision="approve",
         comment="looks <b>fine</b>",
     )
-    login(client, actors, "alice")
+    sign_job = Job.objects.get(version=version, kind=JobKind.SIGN)
+    signature = signatures.version_sign(job_id=sign_job.pk)
+    assert signature is not None
     page = text(client.get(f"{BERT}/v/{version.number}"))
     assert '<span class="badge approve">approve</span> by bob' in page
     assert "looks &lt;b&gt;fine&lt;/b&gt;" in page
-    assert "No signatures" in page or "/signatures/" in page
-    assert "DP record" in page
+    assert '<span class="badge valid">valid</span>' in page and signature.key_id in page
+    bundle_url = f"/api/v1/namespaces/acme/models/bert/versions/1/signatures/{signature.pk}.sig"
+    assert f'href="{bundle_url}"' in page
+    # The bundle link works with the session.
+    assert json.loads(client.get(bundle_url).content) == signature.bundle
+
+
+def test_version_page_and_compare_show_the_dp_record(client, actors, bert):
+    clinic = ledger.dataset_create(
+        namespace=actors.acme,
+        name="clinic",
+        sensitivity="confidential",
+        delta=1e-5,
+        creator=actors.users["root"],
+    )
+    ledger.data_block_create(
+        dataset=clinic, name="b1", epsilon=10.0, accountant="rdp", creator=actors.users["root"]
+    )
+    trained, plain = new_version(actors, bert), new_version(actors, bert)
+    ledger.dp_record_declare(
+        version=trained, dataset=clinic, blocks=["b1"], event=RUN, creator=actors.users["alice"]
+    )
+    epsilon = ledger.dp_record_of(trained)["epsilon"]
+    login(client, actors, "carol")
+    page = text(client.get(f"{BERT}/v/{trained.number}"))
+    assert "clinic (confidential), blocks b1" in page
+    assert f"\u03b5 = {epsilon:.4f}, \u03b4 = 1e-05 (rdp accountant)" in page
+    assert "sampling rate 0.01, noise multiplier 1.0, 1000 steps" in page and "declared" in page
+    page = text(client.get(f"{BERT}/compare", {"a": trained.number, "b": plain.number}))
+    assert f"\u03b5 = {epsilon:.3f}, \u03b4 = 1e-05 on clinic" in page
 
 
 def test_others_namespaces_are_404_and_leak_nothing(client, actors, bert):
