@@ -251,7 +251,7 @@ def test_policy_update_is_audited_with_before_and_after(actors):
     "bad",
     [
         {"approvals_required": 0},
-        {"required_gates": ["dp_budget"]},
+        {"required_gates": ["no_such_gate"]},
         {"scan_quarantine_severity": "huge"},
     ],
 )

@@ -176,4 +176,4 @@ def test_every_job_kind_has_a_registered_task_on_a_routed_queue():
     app.loader.import_default_modules()
     for kind, (task, queue) in JOB_TASKS.items():
         assert task in app.tasks, (kind, task)
-        assert queue in {"celery", "scan", "webhooks"}, (kind, queue)
+        assert queue in {"celery", "scan", "webhooks", "dp"}, (kind, queue)
