@@ -315,7 +315,9 @@ class DpEventIO(serializers.Serializer):
     sampling_rate = serializers.FloatField(help_text="q, the expected batch over the records.")
     noise_multiplier = serializers.FloatField(help_text="sigma.")
     steps = serializers.IntegerField(min_value=1, max_value=100_000_000)
-    max_grad_norm = serializers.FloatField(help_text="The clipping norm.")
+    max_grad_norm = serializers.FloatField(
+        required=False, default=1.0, help_text="The clipping norm (1.0 if left out)."
+    )
 
 
 class DpRecordOut(serializers.Serializer):
