@@ -14,8 +14,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Re-install only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e .
+# The `smr` client is its own distribution (client/), installed here too so `make run` prints
+# working `smr` commands.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(PIP) install -e . -e ./client
 	touch $@
 
 # The test suite trains real DP models, so it installs the dp extra (torch, opacus) too.

@@ -1,1 +1,0 @@
-"""Python SDK and `smr` command-line client (arrives with the CLI issue)."""
