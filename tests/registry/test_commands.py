@@ -191,6 +191,10 @@ def test_demo_setup_prints_a_token_and_is_idempotent(settings, var_dir):
     first_output = run("demo_setup")
     token = only_token(first_output)
     assert "password:" in first_output
+    # The smr commands it prints read the token from its file, never from argv.
+    smr_lines = [line for line in first_output.splitlines() if ".venv/bin/smr" in line]
+    assert any("smr login --url" in line and "< " in line for line in smr_lines)
+    assert not any(token in line for line in smr_lines)
 
     client = bearer(token)
     assert [n["name"] for n in client.get("/api/v1/namespaces").json()["results"]] == ["demo"]

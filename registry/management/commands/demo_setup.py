@@ -67,5 +67,10 @@ class Command(BaseCommand):
             "Try:\n"
             f"  TOKEN=$(cat {shlex.quote(str(token_file))})\n"
             f'  curl -H "Authorization: Bearer $TOKEN" {api}/namespaces\n'
-            f'  curl -H "Authorization: Bearer $TOKEN" {api}/namespaces/demo'
+            f'  curl -H "Authorization: Bearer $TOKEN" {api}/namespaces/demo\n'
+            "With the smr client (installed in .venv; the token goes in on stdin, never argv):\n"
+            f"  .venv/bin/smr login --url {base_url.rstrip('/')} < {shlex.quote(str(token_file))}\n"
+            "  .venv/bin/smr ls demo\n"
+            "  .venv/bin/smr push demo/my-model ./my-model-folder --submit\n"
+            f"Dashboard: {base_url.rstrip('/')}/ (sign in as admin)"
         )
