@@ -64,6 +64,7 @@ CARD_FILE = "README.md"
 
 EPSILON_EVERY = 5.0  # seconds between two "epsilon spent" figures in a job's progress
 RECORD_AHEAD = 0.5  # seconds of training recorded as started with one database write
+CANCEL_CHECK_EVERY = 1.0  # seconds between two looks for a cancel of a running job
 
 DEFAULTS: dict[str, Any] = {
     "family": "logreg",
@@ -596,6 +597,16 @@ def _train(job: Job, training: Any) -> str | None:
             nonlocal steps_done
             steps_done = total
 
+        checked_at = time.monotonic()
+
+        def stop_requested() -> bool:
+            # A cancel is looked for once a second, not after every (maybe millisecond) epoch.
+            nonlocal checked_at
+            if time.monotonic() - checked_at < CANCEL_CHECK_EVERY:
+                return False
+            checked_at = time.monotonic()
+            return _cancel_requested(job.pk)
+
         result = training.train(
             spec,
             train_params,
@@ -603,7 +614,7 @@ def _train(job: Job, training: Any) -> str | None:
             init=init,
             before_epoch=before_epoch,
             after_epoch=after_epoch,
-            should_stop=lambda: _cancel_requested(job.pk),
+            should_stop=stop_requested,
         )
         if result.stopped:
             _settle(job, result.steps, note="cancelled")
