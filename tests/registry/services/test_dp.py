@@ -82,11 +82,12 @@ def test_retraining_writes_a_draft_with_its_guarantee_and_commits_the_ledger(act
 
 def test_a_cancelled_run_commits_the_steps_it_ran_and_releases_the_rest(actors):
     dataset = digits_dataset(actors)
-    job = retrain(actors, dataset, noise_multiplier=1.0, epochs=6)
+    job = retrain(actors, dataset, noise_multiplier=5.0, epochs=1000)
     planned = job.params["event"]["steps"]
-    per_epoch = planned // 6
+    per_epoch = planned // 1000
 
-    # The cancel lands while the second epoch runs: the worker stops after it.
+    # The cancel lands after the second epoch; the worker sees it at its next look (they are
+    # a second apart) and stops after that epoch.
     def train_and_cancel(*args, **kwargs):
         after = kwargs["after_epoch"]
 
@@ -95,14 +96,20 @@ def test_a_cancelled_run_commits_the_steps_it_ran_and_releases_the_rest(actors):
             if done == 2:
                 dp.job_cancel(job=Job.objects.get(pk=job.pk))
 
-        return training.train(*args, **{**kwargs, "after_epoch": after_epoch})
+        result = training.train(*args, **{**kwargs, "after_epoch": after_epoch})
+        ran.append(result.steps)
+        return result
 
+    ran: list[int] = []
     loop = types.SimpleNamespace(**{**vars(training), "train": train_and_cancel})
     assert dp.dp_retrain_run(job_id=job.pk, training=loop) is None
     job.refresh_from_db()
     assert job.state == JobState.CANCELLED
     kinds = {e.kind: e.steps for e in LedgerEntry.objects.filter(job=job)}
-    assert kinds == {"claim": planned, "commit": 2 * per_epoch, "release": planned - 2 * per_epoch}
+    # Exactly the steps that ran are committed: whole epochs, more than two, far from all.
+    (steps,) = ran
+    assert steps % per_epoch == 0 and 2 * per_epoch < steps < planned
+    assert kinds == {"claim": planned, "commit": steps, "release": planned - steps}
     assert not ModelVersion.objects.filter(model__name="digits-dp").exists()
 
 
