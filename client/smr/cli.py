@@ -24,7 +24,7 @@ from typing import Any
 from smr import __version__, config
 from smr.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, SmrError, UsageError
 from smr.http import API, Api, raise_for
-from smr.output import Output, human_size
+from smr.output import Output, human_size, table_lines
 from smr.refs import Ref, parse_ref
 from smr.sdk import Registry
 
@@ -380,8 +380,12 @@ def cmd_sign_verify(args: argparse.Namespace, ctx: Context) -> int:
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder.")
     result = verify.verify_folder(ctx.registry, ref, folder, args.trusted_key)
-    ctx.out.info(f"{folder} matches {ref} and its registry signature.")
-    ctx.out.data(result if result is not None else {"ok": True}, text="ok")
+    signature = result["signature"]
+    ctx.out.data(
+        result,
+        f"ok: {folder} holds the {result['files']} files of {result['ref']}, signed by the "
+        f"registry's key {signature['key_id'][:16]} ({signature['trust']})",
+    )
     return EXIT_OK
 
 
@@ -536,8 +540,6 @@ def cmd_dp_preview(args: argparse.Namespace, ctx: Context) -> None:
         ]
         for b in body["blocks"]
     ]
-    from smr.output import table_lines
-
     lines += table_lines(rows, ["block", "epsilon", "used after", "remaining after", "fits"])
     ctx.out.data(body, lines)
 
@@ -645,24 +647,35 @@ def follow_job(ctx: Context, job_id: str) -> int:
 def cmd_cache(args: argparse.Namespace, ctx: Context) -> int:
     from smr import cache
 
+    out = ctx.out
     if args.cache_command == "ls":
-        entries = cache.cache_ls()
-        ctx.out.data(entries, cache_lines(entries))
+        listing = cache.cache_ls()
+        rows = [
+            [s["ref"], s["files"], human_size(s["bytes"]), s["missing"] or "", s["path"]]
+            for s in listing["snapshots"]
+        ]
+        lines = table_lines(rows, ["version", "files", "size", "missing", "path"])
+        blobs = listing["blobs"]
+        lines.append(
+            f"{blobs['count']} blobs ({human_size(blobs['bytes'])}) in {listing['path']}"
+            + (f"; {len(listing['partial'])} partial downloads" if listing["partial"] else "")
+        )
+        out.data(listing, lines)
         return EXIT_OK
     if args.cache_command == "verify":
         report = cache.cache_verify()
-        ctx.out.data(report, cache_lines(report))
-        bad = report.get("bad") if isinstance(report, dict) else None
-        return EXIT_VERIFY if bad else EXIT_OK
-    report = cache.cache_prune()
-    ctx.out.data(report, cache_lines(report))
+        lines = [f"{report['checked']} blobs checked: {report['ok']} ok, {len(report['bad'])} bad"]
+        lines += [f"  bad (removed): {b['sha256']}" for b in report["bad"]]
+        out.data(report, lines)
+        return EXIT_VERIFY if report["bad"] else EXIT_OK
+    report = cache.cache_prune(older_than_days=args.older_than_days)
+    out.data(
+        report,
+        f"{len(report['removed_blobs'])} blobs removed ({human_size(report['freed_bytes'])} "
+        f"freed), {len(report['removed_snapshots'])} snapshots, "
+        f"{report['removed_links']} broken links",
+    )
     return EXIT_OK
-
-
-def cache_lines(value: Any) -> list[str]:
-    from smr.output import to_jsonable
-
-    return [json.dumps(to_jsonable(value), indent=2, sort_keys=True)]
 
 
 # --- The parser --------------------------------------------------------------------------------
@@ -830,7 +843,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache = groups("cache", "the local cache of pulled files", "cache_command")
     command(cache, "ls", cmd_cache, "cached versions and blobs")
     command(cache, "verify", cmd_cache, "re-hash every cached blob")
-    command(cache, "prune", cmd_cache, "delete blobs no snapshot uses")
+    p = command(cache, "prune", cmd_cache, "delete blobs no snapshot uses")
+    p.add_argument(
+        "--older-than-days",
+        type=float,
+        metavar="N",
+        help="also delete snapshots and partial downloads untouched for N days",
+    )
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterable, Sequence
@@ -133,6 +134,9 @@ class Bars:
     def _bar(self, desc: str, total: int | None, *, leave: bool) -> Any:
         from tqdm import tqdm  # type: ignore[import-untyped]
 
+        # A terminal that reports no size (0x0: some ptys, `script`) gets no bar at all from
+        # tqdm: draw 80x24 there.
+        sized = _columns(self.stream) > 0
         return tqdm(
             desc=desc,
             total=total,
@@ -141,7 +145,9 @@ class Bars:
             unit_divisor=1024,
             file=self.stream,
             leave=leave,
-            dynamic_ncols=True,
+            dynamic_ncols=sized,
+            ncols=None if sized else 80,
+            nrows=None if sized else 24,
         )
 
     def __call__(self, event: str, path: str, done: int, total: int) -> None:
@@ -173,6 +179,13 @@ class Bars:
             if self.overall is not None:
                 self.overall.close()
                 self.overall = None
+
+
+def _columns(stream: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _short(path: str, width: int = 30) -> str:

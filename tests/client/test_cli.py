@@ -4,6 +4,8 @@ login, job following, and the token kept out of output and the process list."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import stat
 import subprocess
@@ -12,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.client.conftest import (
     api,
+    approve,
     model_create,
     popen_smr,
     run_smr,
     scan,
     sign,
+    smr_argv,
 )
 
 # What tqdm draws: a carriage return between redraws, and its bar and rate glyphs.
@@ -61,6 +67,9 @@ class Smr:
 @pytest.fixture
 def smr(smr_env, tokens) -> Smr:
     return Smr(smr_env, tokens)
+
+
+FILES = {"config.json": b'{"a": 1}', "w/weights.bin": b"\x00" * 1000}
 
 
 def draft(server, tokens, model: str = "bert", files: dict[str, bytes] | None = None) -> None:
@@ -140,8 +149,8 @@ def test_login_reads_the_token_from_stdin_and_stores_it_for_this_user_only(
 # --- Every command with --json -----------------------------------------------------------------
 
 
-def test_every_command_prints_json_that_parses(smr, registry_server, tokens, actors):
-    draft(registry_server, tokens)
+def test_every_command_prints_json_that_parses(smr, registry_server, tokens, actors, tmp_path):
+    draft(registry_server, tokens, files=FILES)
 
     # Reading the catalog; the global flag goes before or after the subcommand.
     assert [n["name"] for n in smr.json("alice", "--json", "ls")] == ["acme"]
@@ -176,6 +185,29 @@ def test_every_command_prints_json_that_parses(smr, registry_server, tokens, act
     assert reviewed["review"]["comment"] == "looks fine"
     assert reviewed["version"]["state"] == "approved"
     sign("acme", "bert", 1)
+
+    # A local folder checked against the version's registry signature.
+    folder = tmp_path / "local"
+    for path, data in FILES.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    checked = smr.json("carol", "sign-verify", str(folder), "acme/bert:1", "--json")
+    assert (checked["ok"], checked["files"], checked["signature"]["verified"]) == (True, 2, True)
+    assert smr.run("carol", "sign-verify", str(folder), "acme/bert:1").stdout.startswith("ok: ")
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    result = smr.run(
+        "carol", "sign-verify", str(folder), "acme/bert:1", "--trusted-key", str(stranger), code=3
+    )
+    assert result.stderr.startswith("smr: error: untrusted_key: ")
+    (folder / "w/weights.bin").write_bytes(b"\x01" * 1000)
+    result = smr.run("carol", "--json", "sign-verify", str(folder), "acme/bert:1", code=3)
+    error = json.loads(result.stderr)["error"]
+    assert (error["code"], error["extra"]["changed"]) == ("files_mismatch", ["w/weights.bin"])
     alias = smr.json("root", "alias", "set", "acme/bert", "production", "1", "--json")
     assert (alias["name"], alias["version"]) == ("production", 1)
     assert smr.json("carol", "--json", "show", "acme/bert@production")["number"] == 1
@@ -274,6 +306,12 @@ def test_every_command_prints_json_that_parses(smr, registry_server, tokens, act
     assert (job["kind"], job["state"]) == ("dp_retrain", "queued")
     budget = smr.json("alice", "--json", "dp", "budget", "acme", "digits")
     assert budget["blocks"][0]["reserved_epsilon"] > 0  # the job's claim
+
+    # The local cache (empty here: nothing was pulled).
+    listing = smr.json("alice", "cache", "ls", "--json")
+    assert (listing["snapshots"], listing["blobs"]["count"]) == ([], 0)
+    assert smr.json("alice", "cache", "verify", "--json")["bad"] == []
+    assert smr.json("alice", "--json", "cache", "prune")["removed_blobs"] == []
 
 
 # --- Exit codes --------------------------------------------------------------------------------
@@ -387,11 +425,14 @@ def test_follow_waits_for_the_job_and_the_token_stays_out_of_the_process_list(
     loud = popen_smr(["jobs", job_id, "--follow"], env)
     quiet = popen_smr(["jobs", job_id, "--follow", "-q"], env)
     try:
-        time.sleep(0.5)
-        assert loud.poll() is None and quiet.poll() is None
+        assert loud.stderr is not None
+        first = loud.stderr.readline()  # its first look at the job, before the scan runs
+        assert first == "[queued 0%]\n", first
+        assert loud.poll() is None
         assert tokens["alice"].encode() not in Path(f"/proc/{loud.pid}/cmdline").read_bytes()
         assert scan("acme", "bert", 1) == "pending_review"
         out, err = loud.communicate(timeout=60)
+        err = first + err
         quiet_out, quiet_err = quiet.communicate(timeout=60)
     finally:
         for p in (loud, quiet):
@@ -402,3 +443,119 @@ def test_follow_waits_for_the_job_and_the_token_stays_out_of_the_process_list(
     assert out.startswith(f"{job_id}  scan ") and "succeeded" in out.splitlines()[0]
     assert "[queued 0%]" in err and "[succeeded 100%]" in err
     assert quiet_err == "" and quiet_out == out
+
+
+# --- push and pull -----------------------------------------------------------------------------
+
+
+def run_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """`smr` with stderr on a pseudo-terminal (as in an interactive shell): (code, stdout,
+    what the terminal showed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        smr_argv(args), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.stdout is not None
+        stdout = proc.stdout.read().decode()
+        code = proc.wait(timeout=120)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return code, stdout, shown.decode(errors="replace")
+
+
+def test_push_and_pull_print_json_and_draw_bars_only_on_a_terminal(
+    smr, registry_server, tokens, tmp_path
+):
+    folder = tmp_path / "model"
+    files = {
+        "config.json": b'{"layers": 2}',
+        "weights/a.bin": bytes(range(256)) * (3 << 12),
+        "weights/b.bin": b"\x07" * 100_000,
+        "notes.txt": b"not pushed",
+    }
+    for path, data in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+
+    pushed = smr.json(
+        "alice",
+        "push",
+        "acme/m",
+        str(folder),
+        "--exclude",
+        "*.txt",
+        "--tag",
+        "team=nlp",
+        "--description",
+        "first",
+        "--submit",
+        "--workers",
+        "2",
+        "--json",
+    )
+    assert (pushed["ref"], pushed["version"], pushed["submitted"]) == ("acme/m:1", 1, True)
+    assert sorted(f["path"] for f in pushed["files"]) == [
+        "config.json",
+        "weights/a.bin",
+        "weights/b.bin",
+    ]
+    shown = smr.json("alice", "show", "acme/m:1", "--json")
+    assert (shown["state"], shown["tags"], shown["description"]) == (
+        "scanning",
+        {"team": "nlp"},
+        "first",
+    )
+    approve(registry_server, tokens, "acme", "m", 1, submit_as=None)
+
+    dest = tmp_path / "dest"
+    pulled = smr.json("carol", "pull", "acme/m:1", str(dest), "--json")
+    assert (pulled["ref"], pulled["path"]) == ("acme/m:1", str(dest))
+    assert pulled["signature"]["verified"] is True
+    for path, data in files.items():
+        assert (
+            not (dest / path).exists()
+            if path.endswith(".txt")
+            else ((dest / path).read_bytes() == data)
+        )
+    only = smr.json(
+        "carol", "--json", "pull", "acme/m:1", str(tmp_path / "only"), "--include", "*.json"
+    )
+    assert [f["path"] for f in only["files"]] == ["config.json"]
+    # Text: the path alone on stdout (the cache's snapshot, without DEST).
+    snapshot = Path(smr.run("carol", "pull", "acme/m:1").stdout.strip())
+    assert (snapshot / "weights/a.bin").read_bytes() == files["weights/a.bin"]
+    listing = smr.json("carol", "cache", "ls", "--json")
+    assert [(s["ref"], s["files"]) for s in listing["snapshots"]] == [("acme/m:1", 3)]
+
+    # On a terminal the bars show (the control of the checks above), and -q hides them; a new
+    # cache each time, so the files really download.
+    env = smr.env("carol")
+    code, stdout, terminal = run_on_a_terminal(
+        ["pull", "acme/m:1"], {**env, "XDG_CACHE_HOME": str(tmp_path / "c1")}
+    )
+    assert code == 0, terminal
+    # (The terminal shows each newline as \r\n: only the bars' own carriage returns count.)
+    assert BAR_MARKS.search(terminal.replace("\r\n", "\n")), terminal
+    assert "pull acme/m:1: 100%|" in terminal
+    assert stdout.strip().startswith(str(tmp_path / "c1"))
+    code, _, terminal = run_on_a_terminal(
+        ["pull", "acme/m:1", "-q"], {**env, "XDG_CACHE_HOME": str(tmp_path / "c2")}
+    )
+    assert code == 0
+    assert terminal == ""
+    for token in tokens.values():
+        assert token not in terminal
