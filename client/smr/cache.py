@@ -22,7 +22,7 @@ from typing import Any
 from smr import config
 
 HEX = re.compile(r"^[0-9a-f]{64}$")
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20
 PARTIAL = ".partial"
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,18 +43,22 @@ if TYPE_CHECKING:
     from smr.refs import Ref
     from smr.sdk import Progress, PullResult, PushResult, Registry
 
-# Files below this size go in one PUT; bigger ones through a resumable session of PART_SIZE
-# parts (the server's default part size), so a broken push loses at most a part per worker.
+# Files below this size go in one PUT; bigger ones through a resumable upload session.
 PUT_LIMIT = 64 << 20
-PART_SIZE = 64 << 20
+# A session's parts: about PARTS_PER_WORKER per worker, so the bytes a kill can waste (the
+# parts in flight) stay under 1/PARTS_PER_WORKER of the file, within the server's limits
+# (1 MiB to 5 GiB a part, 10,000 parts) and never so small that requests dominate.
+PARTS_PER_WORKER = 16
+PART_MIN = 16 << 20
+PART_MAX = 5 << 30
 # A download is split into ranges of this size, several in flight (across files too).
 RANGE_SIZE = 64 << 20
 # Bytes per read and write: large enough to keep per-call costs down, small enough to keep
 # the client's memory flat whatever the file size.
 CHUNK = 1 << 20
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20
 # A download range records its progress (for resume) every this many bytes.
-CHECKPOINT = 16 << 20
+CHECKPOINT = 4 << 20
 # How long a transfer waits for a response once its body is sent: a part's or a big file's
 # `complete` answers only after the server re-encrypted it.
 SLOW_RESPONSE = httpx.Timeout(600.0, connect=10.0)
@@ -96,25 +100,82 @@ class _Shared:
             self.progress(event, path, done, total)
 
 
+class _Group:
+    """Tasks on named thread pools, which may queue more tasks (a hashed file queues its
+    upload, the last part of a file its completion). join() waits for every one; the first
+    failure, or Ctrl-C, cancels the rest and is raised once the running ones have stopped."""
+
+    def __init__(self, shared: _Shared, pools: dict[str, int]) -> None:
+        self.shared = shared
+        self.pools = {
+            name: ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix=f"smr-{name}")
+            for name, n in pools.items()
+        }
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.error: BaseException | None = None
+
+    def submit(self, pool: str, task: Callable[[], None]) -> None:
+        self.shared.check()
+        with self.cond:
+            self.pending += 1
+        try:
+            future = self.pools[pool].submit(task)
+        except RuntimeError:  # shut down: the group is failing
+            self._finished(None)
+            raise Cancelled() from None
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future[None] | None) -> None:
+        error = None if future is None or future.cancelled() else future.exception()
+        with self.cond:
+            self.pending -= 1
+            if error is not None and not isinstance(error, Cancelled) and self.error is None:
+                self.error = error
+                self.shared.cancel.set()
+            self.cond.notify_all()
+
+    def _wait(self) -> None:
+        with self.cond:
+            while self.pending and self.error is None:
+                # A timeout, so that Ctrl-C reaches the main thread while it waits.
+                self.cond.wait(0.2)
+
+    def join(self, *, drain_on_interrupt: bool = False) -> None:
+        """Wait for every task. With `drain_on_interrupt`, a first Ctrl-C lets the running
+        tasks finish (a part half sent would be sent again by the next run) and starts no
+        new one; a second one stops them at once."""
+        try:
+            try:
+                self._wait()
+            except KeyboardInterrupt:
+                if not drain_on_interrupt:
+                    raise
+                for pool in self.pools.values():
+                    pool.shutdown(wait=False, cancel_futures=True)
+                self._wait()
+                raise
+        except BaseException:
+            self.shared.cancel.set()
+            self._close()
+            raise
+        self._close()
+        if self.error is not None:
+            raise self.error
+
+    def _close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run(tasks: Sequence[Callable[[], None]], workers: int, shared: _Shared) -> None:
-    """Run `tasks` on `workers` threads; the first failure (or Ctrl-C) cancels the rest and
-    is raised once the running ones have stopped."""
+    """Run `tasks` on `workers` threads (see _Group)."""
     if not tasks:
         return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(tasks))))
-    futures: list[Future[None]] = [pool.submit(task) for task in tasks]
-    try:
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None and not isinstance(future.exception(), Cancelled):
-                raise future.exception()  # type: ignore[misc]
-    except BaseException:
-        shared.cancel.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    for future in futures:
-        future.result()
+    group = _Group(shared, {"work": min(workers, len(tasks))})
+    for task in tasks:
+        group.submit("work", task)
+    group.join()
 
 
 def _selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -125,11 +186,13 @@ def _selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool
 
 def _sha256_file(path: Path, shared: _Shared | None = None) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
+    buffer = bytearray(HASH_CHUNK)  # one buffer, reused: memory stays flat
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
             if shared is not None:
                 shared.check()
-            digest.update(chunk)
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
@@ -183,6 +246,13 @@ def _walk(root: Path, include: Sequence[str], exclude: Sequence[str]) -> list[_L
     return out
 
 
+def part_size(size: int, workers: int) -> int:
+    """The part size of a session for a file of `size` bytes pushed by `workers` threads."""
+    wanted = -(-size // (PARTS_PER_WORKER * max(1, workers)))
+    wanted = -(-wanted // (1 << 20)) << 20  # whole MiB
+    return max(PART_MIN, min(PART_MAX, wanted))
+
+
 def push_state_path(url: str, ref: Ref, path: Path) -> Path:
     key = f"{url.rstrip('/')}\n{ref}\n{path.absolute()}"
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -208,10 +278,6 @@ class _PushState:
             return None
         data.setdefault("files", {})
         return cls(path, data)
-
-    def file(self, rel: str) -> dict[str, Any]:
-        entry: dict[str, Any] = self.data["files"].setdefault(rel, {})
-        return entry
 
     def save(self) -> None:
         with self.lock:
@@ -326,17 +392,38 @@ def push(
     number = int(state.data["version"])
     vpath = ref.version_path(number)
 
-    # Hash first (streamed): the digest travels with the upload. A file unchanged since an
-    # interrupted run (same size and mtime) keeps the digest the state file recorded.
-    to_hash = []
-    for item in local:
-        known = state.data["files"].get(item.rel, {})
-        if known.get("size") == item.size and known.get("mtime_ns") == item.mtime_ns:
-            item.sha256 = str(known.get("sha256", ""))
-        if not SHA256_RE.match(item.sha256):
-            to_hash.append(item)
+    remote = {f["path"]: f["sha256"] for f in api.pages(f"{vpath}/files")}
+    if resumed:
+        # The version is this push's own: files the folder no longer has go.
+        wanted = {i.rel for i in local}
+        for stale in sorted(remote.keys() - wanted):
+            api.request("DELETE", f"{vpath}/files/{path_quote(stale)}")
 
-    def hash_task(item: _Local) -> Callable[[], None]:
+    # Each file is hashed first (streamed): its digest travels with the upload. Its upload
+    # is queued as soon as it is hashed, biggest files first, so hashing, sending and the
+    # server's assembling of completed sessions overlap; a `complete` (the server re-reads
+    # the whole file) runs on its own threads and never holds up the parts of other files.
+    group = _Group(shared, {"hash": min(workers, 2), "send": workers, "complete": workers})
+
+    def schedule(item: _Local) -> None:
+        if remote.get(item.rel) == item.sha256:
+            shared.report("skip", item.rel, item.size, item.size)
+        elif item.size < PUT_LIMIT:
+            group.submit("send", _put_task(registry, vpath, item, shared, state))
+        else:
+            parts = _session_tasks(
+                registry,
+                vpath,
+                item,
+                shared,
+                state,
+                lambda task: group.submit("complete", task),
+                workers,
+            )
+            for task in parts:
+                group.submit("send", task)
+
+    def hash_then_schedule(item: _Local) -> Callable[[], None]:
         def run() -> None:
             item.sha256 = _sha256_file(item.path, shared)
 
@@ -347,26 +434,27 @@ def push(
                 entry.update(size=item.size, mtime_ns=item.mtime_ns, sha256=item.sha256)
 
             state.update(record)
+            schedule(item)
 
         return run
 
-    _run([hash_task(i) for i in to_hash], workers, shared)
-
-    remote = {f["path"]: f["sha256"] for f in api.pages(f"{vpath}/files")}
-    if resumed:
-        # The version is this push's own: files the folder no longer has go.
-        wanted = {i.rel for i in local}
-        for stale in sorted(remote.keys() - wanted):
-            api.request("DELETE", f"{vpath}/files/{path_quote(stale)}")
-    tasks: list[Callable[[], None]] = []
-    for item in local:
-        if remote.get(item.rel) == item.sha256:
-            shared.report("skip", item.rel, item.size, item.size)
-        elif item.size < PUT_LIMIT:
-            tasks.append(_put_task(registry, vpath, item, shared, state))
-        else:
-            tasks.extend(_session_tasks(registry, vpath, item, shared, state))
-    _run(tasks, workers, shared)
+    try:
+        for item in sorted(local, key=lambda i: (-i.size, i.rel)):
+            # A file unchanged since an interrupted run (same size and mtime) keeps the digest
+            # the state file recorded.
+            known = state.data["files"].get(item.rel, {})
+            if known.get("size") == item.size and known.get("mtime_ns") == item.mtime_ns:
+                item.sha256 = str(known.get("sha256", ""))
+            if SHA256_RE.match(item.sha256):
+                schedule(item)
+            else:
+                group.submit("hash", hash_then_schedule(item))
+    except BaseException:
+        shared.cancel.set()
+        with contextlib.suppress(BaseException):
+            group.join()
+        raise
+    group.join(drain_on_interrupt=True)
 
     patch: dict[str, Any] = {}
     if tags:
@@ -403,14 +491,33 @@ def _put_task(
         )
 
     def run() -> None:
-        _retrying(send, shared)
+        with _changed_guard(item, state):
+            _retrying(send, shared)
         state.update(lambda data: data["files"][item.rel].update(done=True))
         shared.report("done", item.rel, item.size, item.size)
 
     return run
 
 
-def _open_session(registry: Registry, vpath: str, item: _Local, state: _PushState) -> dict:
+@contextlib.contextmanager
+def _changed_guard(item: _Local, state: _PushState) -> Iterator[None]:
+    """The server found other bytes than the digest we sent (the file changed after it was
+    hashed): forget its digest, so the next run hashes it again."""
+    try:
+        yield
+    except SmrError as exc:
+        if exc.code != "digest_mismatch":
+            raise
+        state.update(lambda data: data["files"].pop(item.rel, None))
+        raise SmrError(
+            f"{item.path} changed while it was being pushed; run the push again.",
+            code="file_changed",
+        ) from exc
+
+
+def _open_session(
+    registry: Registry, vpath: str, item: _Local, state: _PushState, workers: int
+) -> dict:
     """The file's upload session: the one the state file names if it is still open for the
     same content, else a new one (recorded before any part is sent)."""
     api = registry.api
@@ -431,29 +538,48 @@ def _open_session(registry: Registry, vpath: str, item: _Local, state: _PushStat
     session = api.json(
         "POST",
         f"{vpath}/uploads",
-        json={"path": item.rel, "size": item.size, "sha256": item.sha256, "part_size": PART_SIZE},
+        json={
+            "path": item.rel,
+            "size": item.size,
+            "sha256": item.sha256,
+            "part_size": part_size(item.size, workers),
+        },
     )
-    state.update(lambda data: data["files"][item.rel].update(upload=session["id"], parts=[]))
+    state.update(
+        lambda data: data["files"][item.rel].update(
+            upload=session["id"], part_size=session["part_size"], parts=[]
+        )
+    )
     return session
 
 
 def _session_tasks(
-    registry: Registry, vpath: str, item: _Local, shared: _Shared, state: _PushState
+    registry: Registry,
+    vpath: str,
+    item: _Local,
+    shared: _Shared,
+    state: _PushState,
+    finish: Callable[[Callable[[], None]], None],
+    workers: int,
 ) -> list[Callable[[], None]]:
-    """One task per missing part; the task that stores the last part completes the file."""
+    """One task per missing part; the task that stores the last part has `finish` queue
+    the session's completion."""
     api = registry.api
-    session = _open_session(registry, vpath, item, state)
+    session = _open_session(registry, vpath, item, state, workers)
     upload = f"{vpath}/uploads/{session['id']}"
-    part_size = int(session["part_size"])
+    size_of_part = int(session["part_size"])
     missing = sorted(int(n) for n in session["missing_parts"])
-    done_bytes = item.size - sum(min(part_size, item.size - (n - 1) * part_size) for n in missing)
+    done_bytes = item.size - sum(
+        min(size_of_part, item.size - (n - 1) * size_of_part) for n in missing
+    )
     shared.report("upload", item.rel, done_bytes, item.size)
     remaining = {"parts": len(missing)}
     lock = threading.Lock()
 
     def complete() -> None:
         try:
-            api.request("POST", f"{upload}/complete", timeout=SLOW_RESPONSE)
+            with _changed_guard(item, state):
+                api.request("POST", f"{upload}/complete", timeout=SLOW_RESPONSE)
         except SmrError as exc:
             # A retried complete whose first attempt won answers 409: the session says so.
             if exc.status != 409 or api.json("GET", upload).get("state") != "completed":
@@ -462,8 +588,8 @@ def _session_tasks(
         shared.report("done", item.rel, item.size, item.size)
 
     def part_task(number: int) -> Callable[[], None]:
-        offset = (number - 1) * part_size
-        length = min(part_size, item.size - offset)
+        offset = (number - 1) * size_of_part
+        length = min(size_of_part, item.size - offset)
 
         def send() -> None:
             body = _file_body(item.path, offset, length, shared, item.rel, item.size)
@@ -487,12 +613,13 @@ def _session_tasks(
                 remaining["parts"] -= 1
                 last = remaining["parts"] == 0
             if last:
-                complete()
+                finish(complete)
 
         return run
 
     if not missing:
-        return [complete]
+        finish(complete)
+        return []
     return [part_task(n) for n in missing]
 
 
@@ -580,16 +707,18 @@ class _Blob:
             if not self.hash_lock.acquire(blocking=False):
                 return
             try:
-                with self.partial.open("rb") as handle:
+                buffer = bytearray(HASH_CHUNK)
+                view = memoryview(buffer)
+                with self.partial.open("rb", buffering=0) as handle:
                     while (end := self.finished.get(self.hashed)) is not None:
                         handle.seek(self.hashed)
                         left = end - self.hashed
                         while left > 0:
-                            chunk = handle.read(min(HASH_CHUNK, left))
-                            if not chunk:
+                            n = handle.readinto(view[: min(HASH_CHUNK, left)])
+                            if not n:
                                 raise SmrError(f"{self.partial} was truncated.", code="cache")
-                            self.hasher.update(chunk)
-                            left -= len(chunk)
+                            self.hasher.update(view[:n])
+                            left -= n
                         self.hashed = end
             finally:
                 self.hash_lock.release()
@@ -650,25 +779,29 @@ def _range_task(
                 )
             handle.seek(position)
             since = 0
-            for chunk in response.iter_bytes(CHUNK):
-                shared.check()
-                if position + len(chunk) > end:
-                    raise VerificationError(
-                        f"{blob.rel}: the registry sent more bytes than the range holds.",
-                        code="bad_range",
-                    )
-                handle.write(chunk)
-                position += len(chunk)
-                since += len(chunk)
-                shared.moved("download", blob.rel, len(chunk), blob.size)
-                with blob.lock:
-                    blob.progress[start] = position - start
-                if since >= CHECKPOINT:
-                    # Data before metadata: the recorded offset never runs ahead of the file.
-                    handle.flush()
-                    blob.checkpoint()
-                    since = 0
-            handle.flush()
+            try:
+                for chunk in response.iter_bytes(CHUNK):
+                    shared.check()
+                    if position + len(chunk) > end:
+                        raise VerificationError(
+                            f"{blob.rel}: the registry sent more bytes than the range holds.",
+                            code="bad_range",
+                        )
+                    handle.write(chunk)
+                    position += len(chunk)
+                    since += len(chunk)
+                    shared.moved("download", blob.rel, len(chunk), blob.size)
+                    with blob.lock:
+                        blob.progress[start] = position - start
+                    if since >= CHECKPOINT:
+                        # Data before metadata: the recorded offset never runs ahead.
+                        handle.flush()
+                        blob.checkpoint()
+                        since = 0
+            finally:
+                # Stopped (Ctrl-C, a broken connection) or done: what arrived is kept.
+                handle.flush()
+                blob.checkpoint()
         return position
 
     def run() -> None:
@@ -796,6 +929,7 @@ def pull(
         shared.report("verified", blob.rel, blob.size, blob.size)
 
     snapshot = cache.snapshot_path(ref.namespace, ref.model, number)
+    snapshot.mkdir(parents=True, exist_ok=True)
     for f in selected:
         cache.link_into_snapshot(snapshot, f["path"], f["sha256"])
     target = snapshot

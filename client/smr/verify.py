@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 # States in which a version carries the registry's signature (the server's SIGNED_STATES).
 SIGNED_STATES = frozenset({"approved", "deprecated"})
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
