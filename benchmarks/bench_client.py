@@ -8,22 +8,24 @@ namespace `bench`) serves every run. A folder of --files files totalling --total
 generated data is written once (one random 8 MiB buffer repeated, never whole in memory).
 
 push: `smr push bench/<new model> FOLDER` (a new draft version; files of 64 MiB and more go
-through resumable sessions of 64 MiB parts, 4 workers, every file hashed first and sent with
-its digest) against `curl -T` of each file in turn into a draft made beforehand (untimed),
-with `Expect:` off so curl does not wait for a 100 Continue. pull: `smr pull REF DEST` with
-an empty cache each time (parallel ranged GETs into the cache, every SHA-256 checked, then
-copied into DEST) against `curl -o` of each file in turn; `smr pull REF` without DEST (the
-cache's snapshot, nothing copied) is reported beside it. Runs alternate (smr, curl, smr, ...)
-and medians of --repeat are compared. The version is a draft (no registry signature): the
-signature check of an approved version is one bundle and a key, a constant few milliseconds.
+through resumable sessions, 4 workers, every file hashed first and sent with its digest)
+against `curl -T` of each file in turn into a draft made beforehand (untimed), with `Expect:`
+off so curl does not wait for a 100 Continue. pull: `smr pull REF` with an empty cache each
+time (parallel ranged GETs into the cache, every SHA-256 checked; it prints the snapshot
+path) against `curl -o` of each file in turn, and `smr pull REF DEST` (the same, then each
+file hard-linked into DEST under a temporary name and renamed once all verified) likewise.
+Runs alternate (smr, curl, smr, ...) and medians of --repeat are compared. The version is a
+draft (no registry signature): the signature check of an approved version is one bundle and
+a key, a constant few milliseconds.
+Each smr figure carries the client's CPU seconds (user + system, from wait4).
 
-Memory: the peak RSS (`ru_maxrss` from wait4) of `smr push` and of `smr pull` of a version
-holding one file of --rss-small-mib and one of --rss-big-mib.
+Memory: the peak RSS (`ru_maxrss` from wait4) of `smr push` and `smr pull REF DEST` of a
+version of one file of --rss-small-mib, and of one of --rss-big-mib.
 
 Figures: `client_push_smr`, `client_push_curl`, `client_push_vs_curl` (curl s / smr s, target
->= 1.0), `client_pull_smr`, `client_pull_smr_cache_only`, `client_pull_curl`,
-`client_pull_vs_curl` (target >= 1.5), `client_rss_<N>mib` and `client_rss_big_vs_small`
-(peak at big / at small, target <= 1.2).
+>= 1.0), `client_pull_smr`, `client_pull_curl`, `client_pull_smr_dest`, `client_pull_vs_curl`
+and `client_pull_to_dest_vs_curl` (target >= 1.5 each), `client_rss_<N>mib` and
+`client_rss_big_vs_small` (peak at big / at small, target <= 1.2).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Bench:
         self.curl_headers = tmp / "curl-headers"
         self.curl_headers.write_text(f"Authorization: Bearer {registry.token}\nExpect:\n")
         self.curl_headers.chmod(0o600)
+        self.cpu: list[float] = []
 
     def url(self, path: str) -> str:
         return f"{self.registry.base}{API}{path}"
@@ -105,7 +108,8 @@ class Bench:
         return env
 
     def smr(self, args: list[str], home: Path) -> tuple[float, int, dict]:
-        """Run smr; (seconds, peak RSS in KiB, its JSON output)."""
+        """Run smr; (seconds, peak RSS in KiB, its JSON output). Its CPU seconds (user +
+        system) are added to `self.cpu`."""
         out = self.tmp / "smr.out"
         err = self.tmp / "smr.err"
         start = time.perf_counter()
@@ -115,6 +119,7 @@ class Bench:
             )
             _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        self.cpu.append(usage.ru_utime + usage.ru_stime)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError(f"smr {' '.join(args)}: exit {proc.returncode}\n{err.read_text()}")
@@ -191,52 +196,59 @@ class Bench:
 
 def measure_transfers(bench: Bench, paths: list[Path], folder: Path, repeat: int) -> None:
     total = sum(p.stat().st_size for p in paths)
-    smr_push, curl_push, kept = [], [], ""
+    runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+
+    def timed(name: str, seconds: float, *, smr: bool = True) -> None:
+        runs.setdefault(name, []).append(seconds)
+        if smr:
+            cpu.setdefault(name, []).append(bench.cpu[-1])
+
+    kept = ""
     for i in range(repeat):
         log(f"push {i + 1}/{repeat}: smr, then curl -T")
         seconds, _, ref = bench.push_smr(folder)
-        smr_push.append(seconds)
+        timed("client_push_smr", seconds)
         if kept:
             model, number = ref.split("/", 1)[1].split(":")
             bench.drop_files(model, int(number))
         else:
             kept = ref  # the version every pull fetches
-        curl_push.append(bench.push_curl(paths))
-    smr_pull, smr_cache, curl_pull = [], [], []
+        timed("client_push_curl", bench.push_curl(paths), smr=False)
     for i in range(repeat):
-        log(f"pull {i + 1}/{repeat}: smr to DEST, curl -o, smr to the cache only")
-        smr_pull.append(bench.pull_smr(kept, dest=True)[0])
-        curl_pull.append(bench.pull_curl(kept, paths))
-        smr_cache.append(bench.pull_smr(kept, dest=False)[0])
-    common = {"files": len(paths), "bytes": total, "repeat": repeat}
-    for name, runs in (
-        ("client_push_smr", smr_push),
-        ("client_push_curl", curl_push),
-        ("client_pull_smr", smr_pull),
-        ("client_pull_smr_cache_only", smr_cache),
-        ("client_pull_curl", curl_pull),
+        log(f"pull {i + 1}/{repeat}: smr (the cache), curl -o, smr into DEST")
+        timed("client_pull_smr", bench.pull_smr(kept, dest=False)[0])
+        timed("client_pull_curl", bench.pull_curl(kept, paths), smr=False)
+        timed("client_pull_smr_dest", bench.pull_smr(kept, dest=True)[0])
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    for name, values in runs.items():
+        record = {
+            "bench": name,
+            "seconds": round(median[name], 3),
+            "mib_s": rate(total, median[name]),
+            "runs_s": [round(r, 3) for r in values],
+            "files": len(paths),
+            "bytes": total,
+            "repeat": repeat,
+        }
+        if name in cpu:
+            record["client_cpu_s"] = round(statistics.median(cpu[name]), 2)
+        emit(record)
+    ratio_record(
+        "client_push_vs_curl", median["client_push_curl"] / median["client_push_smr"], PUSH_TARGET
+    )
+    # Both forms write each byte once, as curl -o does: DEST gets hard links to the cache's
+    # blobs (a copy only where DEST is on another file system).
+    for name, smr in (
+        ("client_pull_vs_curl", "client_pull_smr"),
+        ("client_pull_to_dest_vs_curl", "client_pull_smr_dest"),
     ):
-        median = statistics.median(runs)
-        emit(
-            {
-                "bench": name,
-                "seconds": round(median, 3),
-                "mib_s": rate(total, median),
-                "runs_s": [round(r, 3) for r in runs],
-                **common,
-            }
+        ratio_record(
+            name,
+            median["client_pull_curl"] / median[smr],
+            PULL_TARGET,
+            cpus=len(os.sched_getaffinity(0)),
         )
-    ratio_record(
-        "client_push_vs_curl",
-        statistics.median(curl_push) / statistics.median(smr_push),
-        PUSH_TARGET,
-    )
-    ratio_record(
-        "client_pull_vs_curl",
-        statistics.median(curl_pull) / statistics.median(smr_pull),
-        PULL_TARGET,
-        cache_only=round(statistics.median(curl_pull) / statistics.median(smr_cache), 3),
-    )
 
 
 def measure_rss(bench: Bench, pattern: Pattern, small_mib: int, big_mib: int) -> None:

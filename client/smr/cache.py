@@ -1,6 +1,7 @@
 """The local cache of pulled files, laid out like huggingface_hub's:
 
-    $XDG_CACHE_HOME/smr/blobs/sha256/<hex>                  one file per content, read-only
+    $XDG_CACHE_HOME/smr/blobs/sha256/<hex>                  one file per content
+    $XDG_CACHE_HOME/smr/blobs/sha256/<hex>.ok               its size, mtime, inode when verified
     $XDG_CACHE_HOME/smr/blobs/sha256/<hex>.partial[.json]   a download under way (resumable)
     $XDG_CACHE_HOME/smr/snapshots/<ns>/<model>/<version>/…  relative symlinks to blobs
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -42,6 +44,48 @@ def blob_path(sha256: str) -> Path:
     if not HEX.match(sha256):
         raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
     return blobs_dir() / sha256
+
+
+def _stamp_path(sha256: str) -> Path:
+    return blobs_dir() / f"{sha256}.ok"
+
+
+def _stamp(stat: os.stat_result) -> dict[str, int]:
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino}
+
+
+def blob_verified(sha256: str) -> None:
+    """Record that the blob's bytes matched its name, with its size, mtime and inode: while
+    they stay the same, the blob is trusted without hashing it again (as git trusts its
+    index). A blob is also reachable through the snapshot's links and the hard links of
+    `smr pull ... DEST`, so an edit there changes the stamp and the blob is checked again."""
+    path = _stamp_path(sha256)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_stamp(blob_path(sha256).stat())))
+    os.replace(tmp, path)
+
+
+def blob_trusted(sha256: str, size: int) -> bool:
+    """Whether the blob is there, of `size` bytes, unchanged since it was last verified."""
+    try:
+        stat = blob_path(sha256).stat()
+        recorded = json.loads(_stamp_path(sha256).read_text())
+    except (OSError, ValueError):
+        return False
+    return stat.st_size == size and recorded == _stamp(stat)
+
+
+def blob_exists(sha256: str, size: int) -> bool:
+    try:
+        return blob_path(sha256).stat().st_size == size
+    except OSError:
+        return False
+
+
+def blob_remove(sha256: str) -> None:
+    for path in (blob_path(sha256), _stamp_path(sha256)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def snapshot_path(namespace: str, model: str, number: int) -> Path:
@@ -136,11 +180,12 @@ def cache_verify(*, remove: bool = True) -> dict[str, Any]:
     for blob in _blobs():
         checked += 1
         actual = _sha256(blob)
-        if actual != blob.name:
+        if actual == blob.name:
+            blob_verified(blob.name)
+        else:
             bad.append({"sha256": blob.name, "actual": actual, "path": str(blob)})
             if remove:
-                with contextlib.suppress(FileNotFoundError):
-                    blob.unlink()
+                blob_remove(blob.name)
     return {"checked": checked, "ok": checked - len(bad), "bad": bad, "removed": remove and bad}
 
 
@@ -169,8 +214,12 @@ def cache_prune(*, older_than_days: float | None = None) -> dict[str, Any]:
     for blob in _blobs():
         if blob.name not in linked:
             freed += blob.stat().st_size
-            blob.unlink()
+            blob_remove(blob.name)
             removed.append(blob.name)
+    folder = blobs_dir()
+    for stamp in folder.glob("*.ok") if folder.is_dir() else []:
+        if not (folder / stamp.name.removesuffix(".ok")).exists():
+            stamp.unlink()
     return {
         "removed_blobs": removed,
         "freed_bytes": freed,

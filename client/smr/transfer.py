@@ -9,9 +9,9 @@ version, the sessions and the hashes, so the same push run again continues where
 
 pull: the version's files are checked against the registry's signature (smr.verify) before a
 byte is downloaded, then fetched with parallel ranged GETs into the content-addressed cache
-(smr.cache); a blob gets its name only once its SHA-256 matched. Into DEST, files are copied
-under temporary names and renamed into place only when every file of the pull verified: a
-failed pull leaves nothing new in DEST.
+(smr.cache); a blob gets its name only once its SHA-256 matched. Into DEST, files are
+hard-linked (or copied) under temporary names and renamed into place only when every file of
+the pull verified: a failed pull leaves nothing new in DEST.
 """
 
 from __future__ import annotations
@@ -739,8 +739,8 @@ class _Blob:
                 expected=self.sha256,
                 actual=actual,
             )
-        os.chmod(self.partial, 0o444)
         os.replace(self.partial, self.final)
+        cache.blob_verified(self.sha256)
         with contextlib.suppress(FileNotFoundError):
             self.sidecar.unlink()
 
@@ -847,14 +847,6 @@ def _check_files(files: Sequence[dict[str, Any]]) -> None:
             raise VerificationError(f"{f.get('path')}: the registry lists no valid size.")
 
 
-def _cached_ok(sha256: str, size: int) -> bool:
-    blob = cache.blob_path(sha256)
-    try:
-        return blob.stat().st_size == size
-    except FileNotFoundError:
-        return False
-
-
 def pull(
     registry: Registry,
     ref: Ref,
@@ -886,13 +878,14 @@ def pull(
     vpath = ref.version_path(number)
     shared = _Shared(progress)
 
-    # A cached blob is checked again before it goes into DEST (bit rot, a local edit through
-    # a hard link); for the cache alone the digest in its name is trusted, as hf does.
+    # A cached blob is used as it is while it is unchanged since it was verified (its size,
+    # mtime and inode); else it is hashed again, and downloaded again if it no longer matches.
     wanted: dict[str, dict[str, Any]] = {}
     for f in selected:
         wanted.setdefault(f["sha256"], f)
-    cached = {sha for sha, f in wanted.items() if _cached_ok(sha, f["size"])}
-    if dest is not None and cached:
+    cached = {sha for sha, f in wanted.items() if cache.blob_exists(sha, f["size"])}
+    stale = sorted(sha for sha in cached if not cache.blob_trusted(sha, wanted[sha]["size"]))
+    if stale:
         results: dict[str, bool] = {}
 
         def recheck(sha: str) -> Callable[[], None]:
@@ -901,10 +894,12 @@ def pull(
 
             return run
 
-        _run([recheck(sha) for sha in sorted(cached)], workers, shared)
-        for sha, ok in results.items():
-            if not ok:
-                cache.blob_path(sha).unlink()
+        _run([recheck(sha) for sha in stale], workers, shared)
+        for sha, good in results.items():
+            if good:
+                cache.blob_verified(sha)
+            else:
+                cache.blob_remove(sha)
                 cached.discard(sha)
     blobs = [
         _Blob(sha, f["size"], f["path"], f"{API}{vpath}/files/{path_quote(f['path'])}")
@@ -947,16 +942,25 @@ def pull(
 
 
 def _place(dest: Path, files: Sequence[dict[str, Any]]) -> None:
-    """Copy verified blobs into DEST: all under temporary names first, then each renamed into
-    place, so a failure leaves no new file in DEST."""
+    """Put verified blobs into DEST: all under temporary names first, then each renamed into
+    place, so a failure leaves no new file in DEST. A hard link where DEST shares the cache's
+    file system (no second copy of the bytes; an edit in DEST changes the blob's stamp, so
+    the cache checks it again before using it), else a copy."""
     staged: list[tuple[Path, Path]] = []
     try:
         for f in files:
+            blob = cache.blob_path(f["sha256"])
             final = dest / safe_relpath(f["path"])
             final.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                if os.path.samefile(final, blob):
+                    continue  # pulled here before: it is this very blob already
             tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}"
             staged.append((tmp, final))
-            shutil.copyfile(cache.blob_path(f["sha256"]), tmp)
+            try:
+                os.link(blob, tmp)
+            except OSError:
+                shutil.copyfile(blob, tmp)
             if tmp.stat().st_size != f["size"]:
                 raise VerificationError(f"{f['path']}: the cached copy has the wrong size.")
         for tmp, final in staged:

@@ -464,6 +464,19 @@ def test_the_cache_is_verified_and_pruned(small_model, tokens, smr_env, tmp_path
     assert again["bytes_received"] == (small_model / "config.json").stat().st_size
     assert tree(tmp_path / "d") == tree(small_model)
 
+    # DEST holds hard links to the blobs: an edit there changes the blob's stamp, so the next
+    # pull hashes it again, finds it changed and downloads it again.
+    edited = tmp_path / "d" / "weights" / "w.safetensors"
+    assert edited.stat().st_ino == (Path(first["path"]) / "weights" / "w.safetensors").stat().st_ino
+    data = bytearray(edited.read_bytes())
+    data[100] ^= 1
+    edited.write_bytes(bytes(data))
+    third = ok(run_smr(["--json", "pull", "acme/bert:1"], carol))
+    assert third["bytes_received"] == len(data)
+    assert tree(Path(third["path"])) == tree(small_model)
+    ok(run_smr(["--json", "pull", "acme/bert:1", str(tmp_path / "d")], carol))
+    assert tree(tmp_path / "d") == tree(small_model)
+
     # Prune keeps what a snapshot links to, and drops the rest.
     assert ok(run_smr(["--json", "cache", "prune"], carol))["removed_blobs"] == []
     for link in Path(first["path"]).rglob("*.safetensors"):
