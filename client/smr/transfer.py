@@ -861,7 +861,8 @@ def pull(
     """Download a version, verified: the registry's signature first (approved versions;
     drafts and versions pending review carry none and are checked against their recorded
     digests only: `signature` is None), then every file's SHA-256 against the signed
-    manifest. Returns the cache's snapshot folder, or DEST with the files copied into it.
+    manifest. Returns the cache's snapshot folder, or DEST with the files linked (or copied)
+    into it.
     Raises VerificationError (exit 3) with nothing new in DEST if anything does not match.
     """
     from smr.sdk import PullResult
