@@ -234,7 +234,8 @@ def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float =
         try:
             requests.get(url, timeout=2)
             return
-        except requests.ConnectionError:
+        # A timeout is a server still starting on a loaded machine: not up yet.
+        except (requests.ConnectionError, requests.Timeout):
             if proc.poll() is not None:
                 raise RuntimeError(f"{url}: process exited\n{tail(log_path)}") from None
             if time.monotonic() > deadline:

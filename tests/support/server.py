@@ -74,7 +74,8 @@ class Server:
             try:
                 requests.get(f"{self.url}/healthz", timeout=2)
                 return self
-            except requests.ConnectionError:
+            # A timeout is a server still starting on a loaded machine: not up yet.
+            except (requests.ConnectionError, requests.Timeout):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"server did not start:\n{self.tail()}") from None
