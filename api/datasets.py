@@ -30,7 +30,7 @@ from api.views import ListView, parse, principal_of, user_of
 from registry import selectors
 from registry.access import Action
 from registry.errors import InvalidInput
-from registry.models import DataBlock, JobKind
+from registry.models import JobKind
 from registry.services import dp, ledger
 
 
@@ -71,10 +71,9 @@ class BlockListView(ListView):
 
     @extend_schema(responses=BlockOut(many=True))
     def get(self, request: Request, ns: str, dataset: str) -> Response:
-        found = selectors.dataset_get_for_user(
-            principal=principal_of(request), namespace=ns, name=dataset, action=Action.READ
+        qs = selectors.data_block_list_for_user(
+            principal=principal_of(request), namespace=ns, dataset=dataset
         )
-        qs = DataBlock.objects.filter(dataset=found).select_related("artifact__version__model")
         return self.page(request, qs, BlockOut)
 
     @extend_schema(
@@ -210,11 +209,8 @@ class JobListView(views.JobListView):
         dataset = selectors.dataset_get_for_user(
             principal=principal, namespace=ns, name=dataset_name, action=action
         )
-        blocks = data.pop("blocks", None) or list(
-            dataset.blocks.order_by("id").values_list("name", flat=True)
-        )
-        if not blocks:
-            raise InvalidInput(f"Dataset {dataset.name!r} has no blocks yet.", field="blocks")
+        # None: every block of the dataset (registry.services.ledger.blocks_named).
+        blocks = data.pop("blocks", None) or None
         if kind == JobKind.PRIVACY_AUDIT:
             if "version" not in data:
                 raise InvalidInput("privacy_audit needs `version`.", field="version")

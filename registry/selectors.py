@@ -37,6 +37,7 @@ from registry.models import (
     Artifact,
     AuditCheckpoint,
     AuditEvent,
+    DataBlock,
     Dataset,
     Job,
     JobKind,
@@ -952,3 +953,13 @@ def audit_readable_for_namespace(*, principal: Principal, namespace: Namespace) 
         return True
     role = role_for(principal=principal, namespace=namespace)
     return principal_allows(principal, role, Action.AUDIT)
+
+
+def data_block_list_for_user(
+    *, principal: Principal, namespace: str, dataset: str
+) -> QuerySet[DataBlock]:
+    """A dataset's blocks with their data files (readers of the namespace)."""
+    found = dataset_get_for_user(
+        principal=principal, namespace=namespace, name=dataset, action=Action.READ
+    )
+    return DataBlock.objects.filter(dataset=found).select_related("artifact__version__model")

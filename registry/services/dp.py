@@ -195,7 +195,7 @@ def dp_retrain_create(
     *,
     namespace: Namespace,
     dataset: Dataset,
-    blocks: list[str],
+    blocks: list[str] | None,
     model_name: str,
     base_version: ModelVersion | None,
     params: Mapping[str, Any],
@@ -250,7 +250,7 @@ def privacy_audit_create(
     namespace: Namespace,
     version: ModelVersion,
     dataset: Dataset,
-    blocks: list[str],
+    blocks: list[str] | None,
     params: Mapping[str, Any],
     creator: User,
 ) -> Job:

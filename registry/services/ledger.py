@@ -287,7 +287,13 @@ def dataset_budget(*, dataset: Dataset) -> list[BlockBudget]:
     return budgets_of(list(dataset.blocks.order_by("id")))
 
 
-def blocks_named(dataset: Dataset, names: Iterable[str], *, lock: bool) -> list[DataBlock]:
+def blocks_named(dataset: Dataset, names: Iterable[str] | None, *, lock: bool) -> list[DataBlock]:
+    """The named blocks of `dataset` in id order (all of them for None); NotFound names any
+    missing one."""
+    if names is None:
+        names = DataBlock.objects.filter(dataset=dataset).values_list("name", flat=True)
+        if not names:
+            raise InvalidInput(f"Dataset {dataset.name!r} has no blocks yet.", field="blocks")
     wanted = list(dict.fromkeys(names))
     if not wanted or not all(isinstance(n, str) for n in wanted):
         raise InvalidInput("blocks must be a non-empty list of block names.", field="blocks")
